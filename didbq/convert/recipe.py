@@ -1,0 +1,260 @@
+"""The recipe schema (pydantic, unknown keys are errors) and its loader with file/line/key-path messages."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from didbq.errors import RecipeError
+from didbq.nn.attention import ATTENTION_VARIANTS, AttentionOptions
+
+BUILTIN_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_target(target: str) -> str:
+    if target.startswith("re:"):
+        try:
+            re.compile(target[3:])
+        except re.error as error:
+            raise ValueError(f"invalid regular expression {target[3:]!r}: {error}") from None
+    elif not target.isidentifier():
+        raise ValueError(f"{target!r} is neither a module type name nor a 're:' regex")
+    return target
+
+
+class Target(Strict):
+    """A module type name (e.g. `Linear`) or `re:<regex>` searched in the qualified module name."""
+
+    target: str
+    reason: str = "ignored by the recipe"
+
+    _check = field_validator("target")(_check_target)
+
+
+def _as_target(value: Any) -> Any:
+    return {"target": value} if isinstance(value, str) else value
+
+
+class Rule(Strict):
+    """Replace every module matching one of `targets` (first matching rule wins) with `into`."""
+
+    name: str | None = Field(None, description="label shown in the plan; defaults to the targets")
+    targets: list[str] = Field(min_length=1)
+    into: str = Field(description="a registered replacement: binary_linear, rprelu, token_rprelu, identity")
+    options: dict[str, Any] = Field(default_factory=dict, description="options of the replacement")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, targets: list[str]) -> list[str]:
+        return [_check_target(t) for t in targets]
+
+    @property
+    def label(self) -> str:
+        return self.name or ", ".join(self.targets)
+
+
+class Binarize(Strict):
+    rules: list[Rule] = Field(default_factory=list)
+    ignore: list[Target] = Field(default_factory=list, description="subtrees that stay full precision")
+
+    @field_validator("ignore", mode="before")
+    @classmethod
+    def _ignore(cls, value: Any) -> Any:
+        return [_as_target(v) for v in value] if isinstance(value, list) else value
+
+
+class Attention(AttentionOptions):
+    """`variant` picks a preset of didbq.nn.attention; any other field overrides it."""
+
+    variant: str = "didb"
+
+    @field_validator("variant")
+    @classmethod
+    def _variant(cls, name: str) -> str:
+        try:
+            ATTENTION_VARIANTS[name]
+        except KeyError as error:
+            raise ValueError(error.args[0]) from None
+        return name
+
+    def resolve(self) -> AttentionOptions:
+        overrides = self.model_dump(exclude={"variant"}, exclude_unset=True)
+        return ATTENTION_VARIANTS[self.variant].model_copy(update=overrides)
+
+
+class Optimizer(Strict):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(5e-4, gt=0, description="peak learning rate")
+    scale_lr_with_batch: bool = Field(True, description="lr x batch / 512, as in DeiT")
+    weight_decay: float = Field(0.05, ge=0)
+    latent_weight_decay: float = Field(0.0, ge=0, description="weight decay of the latent binary weights")
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad_norm: float | None = Field(5.0, description="gradient clipping; null disables")
+
+
+class Schedule(Strict):
+    name: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="used when warmup_steps is 0")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class FeatureLoss(Strict):
+    """MSE between student and teacher outputs of the modules matching `targets`."""
+
+    targets: list[str] = Field(min_length=1)
+    weight: float = Field(1.0, ge=0)
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, targets: list[str]) -> list[str]:
+        return [_check_target(t) for t in targets]
+
+
+class Loss(Strict):
+    kd: Literal["soft_ce", "kl"] = "soft_ce"
+    temperature: float = Field(1.0, gt=0)
+    kd_weight: float = Field(1.0, ge=0)
+    label_weight: float = Field(0.0, ge=0, description="weight of cross-entropy with the labels")
+    attention_maps: FeatureLoss | None = None
+    features: FeatureLoss | None = None
+
+
+class Stage(Strict):
+    name: str
+    weights: Literal["binary", "fp"] = "binary"
+    activations: Literal["binary", "fp"] = "binary"
+    epochs: float | None = Field(None, gt=0)
+    steps: int | None = Field(None, gt=0)
+    init_from: str | None = Field(None, description="name of an earlier stage whose weights start this one")
+    teacher: Literal["teacher", "previous_stage"] = Field(
+        "teacher", description="previous_stage: BiT-style multi-step distillation")
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    schedule: Schedule = Field(default_factory=Schedule)
+    loss: Loss = Field(default_factory=Loss)
+
+    @model_validator(mode="after")
+    def _length(self) -> "Stage":
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("give exactly one of epochs or steps")
+        return self
+
+
+class Recipe(Strict):
+    name: str
+    description: str = ""
+    binarize: Binarize = Field(default_factory=Binarize)
+    attention: Attention = Field(default_factory=Attention)
+    stages: list[Stage] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _stage_links(self) -> "Recipe":
+        seen: list[str] = []
+        for stage in self.stages:
+            if stage.init_from is not None and stage.init_from not in seen:
+                raise ValueError(f"stage {stage.name!r}: init_from {stage.init_from!r} is not an earlier stage "
+                                 f"(earlier: {', '.join(seen) or 'none'})")
+            seen.append(stage.name)
+        return self
+
+
+def _line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
+    """The 1-based line of the YAML node at `path` (or of its deepest existing ancestor)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in path:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == str(key)), None)
+            if match is None:
+                key_node = next((k for k, _ in node.value if k.value == str(key)), None)
+                return key_node.start_mark.line + 1 if key_node is not None else line
+            node = match
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            break
+        line = node.start_mark.line + 1
+    return line
+
+
+def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The schema class that holds the key at the end of `path` (for listing the keys it accepts)."""
+    model: type[BaseModel] = Recipe
+    for key in path[:-1]:
+        if isinstance(key, int):
+            continue
+        field = model.model_fields.get(str(key))
+        if field is None:
+            return None
+        candidates = [field.annotation, *get_args(field.annotation)]
+        candidates += [inner for c in candidates for inner in get_args(c)]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model
+
+
+def _describe(error: dict[str, Any]) -> str:
+    kind, message = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        model = _model_at(tuple(error["loc"]))
+        return f"unknown key (expected one of: {', '.join(model.model_fields)})" if model else "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    given = error.get("input")
+    shown = repr(given) if not isinstance(given, (dict, list)) else type(given).__name__
+    return f"{message} (got {shown})"
+
+
+def resolve_recipe_path(recipe: str | Path) -> Path:
+    """A path, or the name of a built-in recipe (`didb`, `xnor`, ...)."""
+    path = Path(recipe)
+    if path.exists():
+        return path
+    builtin = BUILTIN_RECIPES / f"{recipe}.yaml"
+    if builtin.exists():
+        return builtin
+    known = ", ".join(sorted(p.stem for p in BUILTIN_RECIPES.glob("*.yaml")))
+    raise RecipeError(f"{recipe}: no such recipe file (built-in recipes: {known})")
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise RecipeError(f"{source}:{where}: malformed YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping with at least a 'name' key")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        path = tuple(p for p in first["loc"])
+        line = _line_of(node, path)
+        dotted = ".".join(str(p) for p in path) or "(top level)"
+        more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+        return_line = f" line {line}:" if line else ""
+        raise RecipeError(f"{source}:{return_line} {dotted}: {_describe(first)}{more}") from None
+
+
+def load_recipe(recipe: str | Path | Recipe) -> Recipe:
+    """A validated Recipe from a file path, a built-in recipe name, or a Recipe (returned as is)."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    path = resolve_recipe_path(recipe)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise RecipeError(f"{path}: cannot read the recipe ({error.strerror})") from None
+    return parse_recipe(text, str(path))

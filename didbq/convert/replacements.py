@@ -1,0 +1,81 @@
+"""What a rule's `into` can name: each entry validates its options and builds the new module.
+
+A builder receives the module being replaced and what the probe saw of it (the input shape of one image), so
+that token-wise parameters can be sized without the recipe spelling out shapes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from didbq.nn.binarizers import ACTIVATION_BINARIZERS
+from didbq.nn.linear import BinaryLinear
+from didbq.nn.rprelu import RPReLU, TokenRPReLU
+from didbq.registry import Registry
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RPReLUOptions(Options):
+    slope_init: float = 0.25
+    token_slope: bool = Field(False, description="token_rprelu only: a per-token factor on the slope")
+
+
+ActName = Literal["none", "rprelu", "token_rprelu"]
+
+
+class BinaryLinearOptions(Options):
+    input_binarizer: str = Field("rsign", description="sign, rsign, bit_signed or identity (FP inputs)")
+    surrogate: Literal["approx_sign", "ste"] = "approx_sign"
+    shortcut: bool = Field(False, description="y = act(norm(BinLinear(x)) + x), x repeated or group-averaged")
+    norm: Literal["layernorm", "none"] = "none"
+    act: ActName = Field("none", description="activation after the layer")
+
+
+@dataclass(frozen=True)
+class Replacement:
+    options: type[Options]
+    build: Callable[[nn.Module, tuple[int, ...], Options], nn.Module]
+    accepts: tuple[type[nn.Module], ...] = (nn.Module,)
+
+
+REPLACEMENTS: Registry[Replacement] = Registry("replacement")
+
+
+def _activation(name: ActName, channels: int, token_shape: tuple[int, ...], options: RPReLUOptions) -> nn.Module | None:
+    if name == "rprelu":
+        return RPReLU(channels, options.slope_init)
+    if name == "token_rprelu":
+        return TokenRPReLU(channels, token_shape, options.slope_init, options.token_slope)
+    return None
+
+
+def _build_binary_linear(module: nn.Module, shape: tuple[int, ...], options: BinaryLinearOptions) -> nn.Module:
+    ACTIVATION_BINARIZERS[options.input_binarizer]  # unknown names fail before any swap
+    act = _activation(options.act, module.out_features, shape[1:-1], RPReLUOptions())
+    return BinaryLinear.from_linear(module, input_binarizer=options.input_binarizer, surrogate=options.surrogate,
+                                    shortcut=options.shortcut, norm=options.norm, act=act)
+
+
+def _build_rprelu(module: nn.Module, shape: tuple[int, ...], options: RPReLUOptions) -> nn.Module:
+    return RPReLU(shape[-1], options.slope_init)
+
+
+def _build_token_rprelu(module: nn.Module, shape: tuple[int, ...], options: RPReLUOptions) -> nn.Module:
+    return TokenRPReLU(shape[-1], shape[1:-1], options.slope_init, options.token_slope)
+
+
+def _build_identity(module: nn.Module, shape: tuple[int, ...], options: Options) -> nn.Module:
+    return nn.Identity()
+
+
+REPLACEMENTS.register("binary_linear")(Replacement(BinaryLinearOptions, _build_binary_linear, (nn.Linear,)))
+REPLACEMENTS.register("rprelu")(Replacement(RPReLUOptions, _build_rprelu))
+REPLACEMENTS.register("token_rprelu")(Replacement(RPReLUOptions, _build_token_rprelu))
+REPLACEMENTS.register("identity")(Replacement(Options, _build_identity))
+

@@ -1,0 +1,301 @@
+"""Walk a timm model, decide what every module becomes, probe the full-precision model, swap, and check.
+
+Order: find attention modules (strict about unknown classes) -> match rules -> probe one forward pass of the
+full-precision model to record input shapes and attention geometry -> build replacements and cores -> run the
+converted model once and require that every binary layer and every core ran and the outputs are finite.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from didbq.convert.adapters import (ADAPTERS, FULL_PRECISION_PARTS, AttentionAdapter, class_key,
+                                    looks_like_attention, supported_families)
+from didbq.convert.matching import first_match
+from didbq.convert.recipe import Recipe, Rule, load_recipe
+from didbq.convert.replacements import REPLACEMENTS
+from didbq.convert.routing import CORE_ATTRIBUTE, original_class, route, unroute
+from didbq.errors import ConversionCheckError, RecipeError, UnsupportedModelError
+from didbq.nn.attention import ATTENTION_VARIANTS, BinaryAttention
+from didbq.nn.haar import TokenLayout
+from didbq.nn.linear import BinaryLinear
+
+
+@dataclass
+class Swap:
+    name: str
+    original_type: str
+    into: str
+    rule: str
+
+
+@dataclass
+class AttentionSwap:
+    name: str
+    original_type: str
+    family: str
+    route: str
+    variant: str
+    heads: int
+    queries: int
+    keys: int
+    disabled_parts: list[str]
+
+
+@dataclass
+class KeptModule:
+    name: str
+    type: str
+    reason: str
+    parameters: int
+
+
+@dataclass
+class Conversion:
+    """What binarize_model did: the model plus the decisions that `plan` and the report present."""
+
+    model: nn.Module
+    recipe: Recipe
+    swaps: list[Swap] = field(default_factory=list)
+    attention: list[AttentionSwap] = field(default_factory=list)
+    kept: list[KeptModule] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    example_input: torch.Tensor | None = None
+
+
+def example_input_for(model: nn.Module, batch: int = 1) -> torch.Tensor:
+    """A random batch at the model's default input size (from its pretrained_cfg)."""
+    from timm.data import resolve_model_data_config
+
+    channels, height, width = resolve_model_data_config(model)["input_size"]
+    reference = next(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, channels, height, width, generator=generator).to(reference.device, reference.dtype)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, leaf = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), leaf
+
+
+def _own_parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+class _Walk:
+    """The decisions for one model and recipe, before anything is swapped."""
+
+    def __init__(self, model: nn.Module, recipe: Recipe, strict: bool) -> None:
+        self.model, self.recipe, self.strict = model, recipe, strict
+        self.attention: dict[str, AttentionAdapter] = {}
+        self.planned: dict[str, Rule] = {}
+        self.skipped: dict[str, str] = {}  # subtree root -> reason it stays full precision
+        self.rule_hits = {id(rule): 0 for rule in recipe.binarize.rules}
+        self._decide()
+
+    def _ignored_by(self, name: str, module: nn.Module) -> str | None:
+        for entry in self.recipe.binarize.ignore:
+            if first_match([entry.target], name, module):
+                return entry.reason
+        leaf = name.rpartition(".")[2]
+        return FULL_PRECISION_PARTS.get(leaf)
+
+    def _decide(self) -> None:
+        inside: list[str] = []
+        for name, module in self.model.named_modules():
+            if not name or any(name.startswith(prefix + ".") for prefix in inside):
+                continue
+            reason = self._ignored_by(name, module)
+            if reason is not None:
+                self.skipped[name] = reason
+                inside.append(name)
+                continue
+            cls = original_class(module)
+            key = class_key(cls)
+            if key in ADAPTERS:
+                self.attention[name] = ADAPTERS[key]
+            elif looks_like_attention(cls):
+                self._unknown_attention(name, cls)
+            rule = next((r for r in self.recipe.binarize.rules if first_match(r.targets, name, module)), None)
+            if rule is not None and key not in ADAPTERS:
+                self.planned[name] = rule
+                self.rule_hits[id(rule)] += 1
+                inside.append(name)
+
+    def _unknown_attention(self, name: str, cls: type) -> None:
+        message = (f"{name}: attention class {class_key(cls)} is not supported (supported families: "
+                   f"{', '.join(supported_families())}); pass strict=False (CLI: --no-strict) to binarize only "
+                   f"its linear layers and keep its products in full precision")
+        if self.strict:
+            raise UnsupportedModelError(message)
+        warnings.warn(message, stacklevel=3)
+
+    def unmatched_rules(self) -> list[Rule]:
+        return [rule for rule in self.recipe.binarize.rules if self.rule_hits[id(rule)] == 0]
+
+
+@dataclass
+class _Seen:
+    """What the probe saw of a module's first input."""
+
+    shape: tuple[int, ...]
+    device: torch.device
+    dtype: torch.dtype
+    calls: int = 0
+
+
+def _probe(model: nn.Module, walk: _Walk, example: torch.Tensor) -> tuple[dict[str, _Seen], dict[str, BinaryAttention]]:
+    """One full-precision forward pass: input shapes of planned modules and the geometry of each attention."""
+    seen: dict[str, _Seen] = {}
+    hooks = []
+    for name in [*walk.planned, *walk.attention]:
+        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = name) -> None:
+            tensor = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            if tensor is not None and name not in seen:
+                seen[name] = _Seen(tuple(tensor.shape), tensor.device, tensor.dtype)
+            if name in seen:
+                seen[name].calls += 1
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(record, with_kwargs=True))
+    recorders: dict[str, BinaryAttention] = {}
+    for name, adapter in walk.attention.items():
+        module = model.get_submodule(name)
+        adapter.prepare(module)
+        recorders[name] = BinaryAttention(ATTENTION_VARIANTS["softmax"], 1, 1, TokenLayout(), 1, 1)
+        route(module, recorders[name], adapter.forward)
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for name in walk.attention:
+            unroute(model.get_submodule(name))
+    return seen, recorders
+
+
+def _build_core(model: nn.Module, name: str, adapter: AttentionAdapter, recorder: BinaryAttention,
+                seen: _Seen | None, recipe: Recipe) -> BinaryAttention:
+    call = recorder.last_call
+    if call is None:
+        raise ConversionCheckError(
+            f"{name}: its attention products never reached didbq during the probe (route {adapter.route}); "
+            f"this timm version computes attention in a way the {adapter.family} adapter does not know")
+    module = model.get_submodule(name)
+    layout = adapter.layout(model, call["queries"])
+    attn_input = seen.shape if seen is not None else None
+    in_features = attn_input[-1] if attn_input is not None and attn_input[-2] == call["queries"] else None
+    core = BinaryAttention(recipe.attention.resolve(), call["heads"], call["head_dim"], layout,
+                           call["queries"], call["keys"], in_features, adapter.qk_weight(module))
+    return core.to(seen.device, seen.dtype) if seen is not None else core
+
+
+def _swap_modules(model: nn.Module, walk: _Walk, seen: dict[str, _Seen], conversion: Conversion) -> None:
+    for name, rule in walk.planned.items():
+        module = model.get_submodule(name)
+        if name not in seen:
+            conversion.kept.append(KeptModule(name, original_class(module).__name__, "never runs in forward",
+                                              sum(p.numel() for p in module.parameters())))
+            continue
+        replacement = REPLACEMENTS[rule.into]
+        if not isinstance(module, replacement.accepts):
+            raise RecipeError(f"rule {rule.label!r}: {name} is a {type(module).__name__}, but {rule.into} replaces "
+                              f"only {', '.join(c.__name__ for c in replacement.accepts)}")
+        try:
+            options = replacement.options.model_validate(rule.options)
+        except Exception as error:  # pydantic ValidationError: report it against the rule
+            raise RecipeError(f"rule {rule.label!r}: invalid options for {rule.into}: "
+                              f"{str(error).splitlines()[1:3]}") from None
+        new = replacement.build(module, seen[name].shape, options).to(seen[name].device, seen[name].dtype)
+        parent, leaf = _parent(model, name)
+        setattr(parent, leaf, new)
+        conversion.swaps.append(Swap(name, original_class(module).__name__, rule.into, rule.label))
+
+
+def _list_kept(model: nn.Module, walk: _Walk, conversion: Conversion) -> None:
+    """Every module with its own parameters that stays full precision, and why."""
+    converted = [s.name for s in conversion.swaps]
+    for name, module in model.named_modules():
+        count = _own_parameter_count(module)
+        if not count or isinstance(module, BinaryLinear) or any(
+                name == c or name.startswith(c + ".") for c in converted):
+            continue
+        if CORE_ATTRIBUTE in name.split("."):
+            continue
+        root = next((s for s in walk.skipped if name == s or name.startswith(s + ".")), None)
+        if root is not None:
+            reason = walk.skipped[root]
+        elif not name:
+            reason = "tokens and position embeddings"
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)) or "norm" in type(module).__name__.lower():
+            reason = "normalisation"
+        elif name in walk.attention:
+            reason = "attention scalars (scale, bias tables, temperature)"
+        else:
+            reason = f"no rule matches {original_class(module).__name__}"
+        conversion.kept.append(KeptModule(name or "(model)", original_class(module).__name__, reason, count))
+
+
+def check_conversion(model: nn.Module, example: torch.Tensor) -> None:
+    """Run `model` once; every BinaryLinear and core must run and the output must be finite."""
+    called: set[str] = set()
+    hooks = []
+    watched = {name: module for name, module in model.named_modules()
+               if isinstance(module, (BinaryLinear, BinaryAttention))}
+    for name, module in watched.items():
+        hooks.append(module.register_forward_pre_hook(lambda m, a, name=name: called.add(name)))
+    try:
+        with torch.no_grad():
+            output = model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    silent = sorted(set(watched) - called)
+    if silent:
+        raise ConversionCheckError(f"{len(silent)} binary layers never ran after the swap (they would stay full "
+                                   f"precision silently): {', '.join(silent[:5])}")
+    outputs = output if isinstance(output, (tuple, list)) else [output]
+    if not all(torch.isfinite(o).all() for o in outputs if isinstance(o, torch.Tensor)):
+        raise ConversionCheckError("the converted model produced non-finite outputs on a random input")
+
+
+def convert(model: nn.Module, recipe: Recipe | str, *, strict: bool = True, strict_rules: bool = False,
+            example_input: torch.Tensor | None = None) -> Conversion:
+    """Binarize `model` in place following `recipe`; returns the model and every decision made."""
+    recipe = load_recipe(recipe)
+    was_training = model.training
+    model.eval()
+    example = example_input if example_input is not None else example_input_for(model)
+    walk = _Walk(model, recipe, strict)
+    conversion = Conversion(model, recipe, example_input=example)
+    for rule in walk.unmatched_rules():
+        message = f"rule {rule.label!r} matches no module of {type(model).__name__}"
+        if strict_rules:
+            raise RecipeError(message + " (--strict-rules)")
+        conversion.warnings.append(message)
+    seen, recorders = _probe(model, walk, example)
+    cores = {name: _build_core(model, name, walk.attention[name], recorders[name], seen.get(name), recipe)
+             for name in walk.attention}
+    _swap_modules(model, walk, seen, conversion)
+    variant = recipe.attention.variant
+    for name, core in cores.items():
+        module = model.get_submodule(name)
+        adapter = walk.attention[name]
+        conversion.attention.append(AttentionSwap(name, original_class(module).__name__, adapter.family,
+                                                  adapter.route, variant, core.heads, recorders[name].last_call[
+                                                      "queries"], recorders[name].last_call["keys"],
+                                                  core.disabled_parts))
+        route(module, core, adapter.forward)
+    _list_kept(model, walk, conversion)
+    check_conversion(model, example)
+    model.train(was_training)
+    return conversion
+
+
+def binarize_model(model: nn.Module, recipe: Recipe | str, *, strict: bool = True,
+                   strict_rules: bool = False) -> nn.Module:
+    """Binarize a timm model in place following a recipe (a path, a built-in name or a Recipe); returns it."""
+    return convert(model, recipe, strict=strict, strict_rules=strict_rules).model

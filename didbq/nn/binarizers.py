@@ -1,0 +1,142 @@
+"""Sign functions with surrogate gradients, the weight binarizer and the activation binarizers.
+
+Sign convention everywhere in didbq: a value >= 0 maps to +1, a value < 0 to -1 (never 0), so a binary tensor is
+exactly one bit per element. Activation binarizers are registered by name so that a recipe can pick one.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from didbq.registry import Registry
+
+
+def hard_sign(x: torch.Tensor) -> torch.Tensor:
+    """+1 for x >= 0, -1 otherwise (torch.sign would give 0 at 0)."""
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+def _clipped_identity(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(-1.0, 1.0)
+
+
+def _approx_sign_curve(x: torch.Tensor) -> torch.Tensor:
+    """Bi-Real's piecewise quadratic: its derivative is 2+2x on [-1,0], 2-2x on (0,1], 0 elsewhere."""
+    x = x.clamp(-1.0, 1.0)
+    return 2 * x - x * x.abs()
+
+
+SIGN_SURROGATES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "ste": _clipped_identity,
+    "approx_sign": _approx_sign_curve,
+}
+
+
+def sign_with_surrogate(x: torch.Tensor, surrogate: str = "approx_sign") -> torch.Tensor:
+    """Forward: hard_sign(x). Backward: the derivative of the named surrogate curve."""
+    soft = SIGN_SURROGATES[surrogate](x)
+    return soft + (hard_sign(x) - soft).detach()
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def binarize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """XNOR/BWN weights: signs of the row-centred weight and the per-output-row scale mean|W|.
+
+    Returns (signs in {-1,+1}, scale of shape [out, 1]); the product is the binary weight. Gradients pass
+    straight through the sign to the latent weight and through the scale.
+    """
+    centred = weight - weight.mean(dim=1, keepdim=True)
+    signs = centred + (hard_sign(centred) - centred).detach()
+    scale = weight.abs().mean(dim=1, keepdim=True)
+    return signs, scale
+
+
+class ActivationBinarizer(nn.Module):
+    """Base of the activation binarizers: `enabled=False` passes the input through (full-precision mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.binarize(x) if self.enabled else x
+
+    def binarize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def output_is_binary(self) -> bool:
+        """Whether products with this output count as binary (BOPs) in the report."""
+        return True
+
+
+ACTIVATION_BINARIZERS: Registry[type[ActivationBinarizer]] = Registry("activation binarizer")
+
+
+@ACTIVATION_BINARIZERS.register("identity")
+class Identity(ActivationBinarizer):
+    """Keeps the input in full precision (for layers whose input a recipe leaves real-valued)."""
+
+    def __init__(self, channels: int, surrogate: str = "approx_sign") -> None:
+        super().__init__()
+
+    def binarize(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @property
+    def output_is_binary(self) -> bool:
+        return False
+
+
+@ACTIVATION_BINARIZERS.register("sign")
+class Sign(ActivationBinarizer):
+    """sign(x) with the chosen surrogate gradient ("ste": clipped identity, or "approx_sign")."""
+
+    def __init__(self, channels: int, surrogate: str = "approx_sign") -> None:
+        super().__init__()
+        self.surrogate = surrogate
+
+    def binarize(self, x: torch.Tensor) -> torch.Tensor:
+        return sign_with_surrogate(x, self.surrogate)
+
+
+@ACTIVATION_BINARIZERS.register("rsign")
+class RSign(Sign):
+    """ReActNet's sign(x + b) with a learnable per-channel threshold b (last dimension), initialised at 0."""
+
+    def __init__(self, channels: int, surrogate: str = "approx_sign") -> None:
+        super().__init__(channels, surrogate)
+        self.shift = nn.Parameter(torch.zeros(channels))
+
+    def binarize(self, x: torch.Tensor) -> torch.Tensor:
+        return sign_with_surrogate(x + self.shift, self.surrogate)
+
+
+@ACTIVATION_BINARIZERS.register("bit_signed")
+class BiTSigned(ActivationBinarizer):
+    """BiT's elastic signed binarizer a * sign((x + b) / a) with LSQ-style gradients for a and b.
+
+    a (per channel) is initialised from the first batch seen in training as mean|x|; the flag that records this
+    is a buffer, so a resumed or loaded model is not initialised twice.
+    """
+
+    def __init__(self, channels: int, surrogate: str = "ste") -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(channels))
+        self.shift = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("initialised", torch.tensor(False))
+
+    def binarize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not bool(self.initialised):
+            with torch.no_grad():
+                dims = tuple(range(x.dim() - 1))
+                self.scale.copy_(x.abs().mean(dim=dims).clamp_min(1e-4))
+                self.initialised.fill_(True)
+        scale = self.scale.abs().clamp_min(1e-6)
+        ratio = ((x + self.shift) / scale).clamp(-1.0, 1.0)
+        return scale * (ratio + (hard_sign(ratio) - ratio).detach())

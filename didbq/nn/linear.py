@@ -1,0 +1,85 @@
+"""BinaryLinear: 1-bit weights (row-scaled signs) times 1-bit inputs, with an optional full-precision shortcut.
+
+The shortcut form is the ReActNet/BinaryViT block the DIDB recipe builds on: y = act(norm(BinLinear(x)) + x),
+where x is repeated when the layer widens (qkv, fc1) and averaged over groups when it narrows (fc2), so that
+magnitude information survives the binary product and reaches the next layer.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from didbq.nn.binarizers import ACTIVATION_BINARIZERS, ActivationBinarizer, binarize_weight
+
+
+def match_width(x: torch.Tensor, width: int) -> torch.Tensor | None:
+    """x resized along the last dimension to `width` by repetition or group averaging; None if not divisible."""
+    channels = x.shape[-1]
+    if channels == width:
+        return x
+    if width % channels == 0:
+        return x.repeat(*([1] * (x.dim() - 1)), width // channels)
+    if channels % width == 0:
+        return x.reshape(*x.shape[:-1], channels // width, width).mean(dim=-2)
+    return None
+
+
+class BinaryLinear(nn.Module):
+    """A drop-in replacement for nn.Linear with binary weights and inputs.
+
+    `weight` stays the latent full-precision weight (trained); the binary weight is derived in forward.
+    `binarize_weights` / `input_binarizer.enabled` switch each half off for full-precision mode.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, input_binarizer: str = "rsign",
+                 surrogate: str = "approx_sign", shortcut: bool = False,
+                 norm: Literal["layernorm", "none"] = "none", act: nn.Module | None = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+        self.input_binarizer: ActivationBinarizer = ACTIVATION_BINARIZERS[input_binarizer](in_features, surrogate)
+        self.binarize_weights = True
+        self.shortcut = shortcut
+        if shortcut and (in_features % out_features and out_features % in_features):
+            raise ValueError(f"a shortcut needs one width to divide the other, got {in_features} -> {out_features}")
+        self.norm = nn.LayerNorm(out_features) if norm == "layernorm" else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **options) -> "BinaryLinear":
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, **options)
+        layer.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def effective_weight(self) -> torch.Tensor:
+        if not self.binarize_weights:
+            return self.weight
+        signs, scale = binarize_weight(self.weight)
+        return signs * scale
+
+    @property
+    def inputs_binary(self) -> bool:
+        return self.input_binarizer.enabled and self.input_binarizer.output_is_binary
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(self.input_binarizer(x), self.effective_weight(), self.bias)
+        if self.shortcut:
+            y = self.norm(y) + match_width(x, self.out_features)
+        else:
+            y = self.norm(y)
+        return self.act(y)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, "
+                f"weights={'binary' if self.binarize_weights else 'fp'}, "
+                f"inputs={'binary' if self.inputs_binary else 'fp'}, shortcut={self.shortcut}")
