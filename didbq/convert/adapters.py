@@ -23,6 +23,7 @@ FULL_PRECISION_PARTS: dict[str, str] = {
     "cpb_mlp": "continuous position-bias MLP (few inputs)",
     "meta_mlp": "position-bias meta MLP (few inputs)",
     "rel_pos": "relative-position bias module",
+    "shared_rel_pos": "relative-position bias module",
     "proj_l": "talking-heads mixer over heads (few inputs)",
     "proj_w": "talking-heads mixer over heads (few inputs)",
     "pos_proj": "position projection (few inputs)",
@@ -84,26 +85,38 @@ def class_key(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _swinv2_forward(self: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """timm's swinv2 WindowAttention with the cosine similarity and biases handed to the core as q, k, mask."""
+def _cosine_window_attention(self: nn.Module, x: torch.Tensor, qkv: torch.Tensor, logit_scale: torch.Tensor,
+                             bias: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Swin v2's cosine attention handed to the core: q and k normalised (q times the logit scale), the position
+    bias and the shifted-window mask folded into one additive mask, scale 1."""
     batch_windows, tokens, channels = x.shape
-    qkv = self.qkv(x)
-    if self.q_bias is not None:
-        qkv = qkv + torch.cat((self.q_bias, self.k_bias, self.v_bias))
     q, k, v = qkv.reshape(batch_windows, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
-    q = F.normalize(q, dim=-1) * logit_scale
+    q = F.normalize(q, dim=-1) * torch.clamp(logit_scale, max=math.log(1.0 / 0.01)).exp()
     k = F.normalize(k, dim=-1)
-    table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
-    bias = table[self.relative_position_index.view(-1)].view(tokens, tokens, -1).permute(2, 0, 1)
-    bias = (16 * torch.sigmoid(bias)).unsqueeze(0)
     if mask is not None:
         windows = mask.shape[0]
         bias = (bias.unsqueeze(0) + mask.unsqueeze(1).unsqueeze(0)).expand(
             batch_windows // windows, -1, -1, -1, -1).reshape(batch_windows, self.num_heads, tokens, tokens)
     out = self.binary_core(q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0,
                            scale=1.0)
-    return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch_windows, tokens, channels)))
+    return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch_windows, tokens, -1)))
+
+
+def _swinv2_forward(self: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """timm's swinv2 WindowAttention; the qkv bias is added after the (binary) qkv module."""
+    tokens = x.shape[1]
+    qkv = self.qkv(x)
+    if self.q_bias is not None:
+        qkv = qkv + torch.cat((self.q_bias, self.k_bias, self.v_bias))
+    table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+    bias = table[self.relative_position_index.view(-1)].view(tokens, tokens, -1).permute(2, 0, 1)
+    return _cosine_window_attention(self, x, qkv, self.logit_scale, (16 * torch.sigmoid(bias)).unsqueeze(0), mask)
+
+
+def _swinv2_cr_forward(self: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """timm's swinv2_cr WindowMultiHeadAttention (meta-MLP position bias, per-head logit scale)."""
+    logit_scale = self.logit_scale.reshape(1, self.num_heads, 1, 1)
+    return _cosine_window_attention(self, x, self.qkv(x), logit_scale, self._relative_positional_encodings(), mask)
 
 
 def _talking_heads_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -140,6 +153,8 @@ _register("timm.layers.attention.AttentionRope", AttentionAdapter("vision_transf
 _register("timm.models.swin_transformer.WindowAttention", AttentionAdapter("swin"))
 _register("timm.models.swin_transformer_v2.WindowAttention",
           AttentionAdapter("swinv2", prepare=lambda m: None, forward=_swinv2_forward))
+_register("timm.models.swin_transformer_v2_cr.WindowMultiHeadAttention",
+          AttentionAdapter("swinv2_cr", prepare=lambda m: None, forward=_swinv2_cr_forward))
 _register("timm.models.beit.Attention", AttentionAdapter("beit", prepare=_fused_with_separate_bias))
 _register("timm.models.eva.EvaAttention", AttentionAdapter("eva", prepare=_fused_with_separate_bias))
 _register("timm.models.cait.ClassAttn", AttentionAdapter("cait (class attention)"))

@@ -31,6 +31,7 @@ class Swap:
     original_type: str
     into: str
     rule: str
+    note: str = ""
 
 
 @dataclass
@@ -187,7 +188,9 @@ def _build_core(model: nn.Module, name: str, adapter: AttentionAdapter, recorder
     module = model.get_submodule(name)
     layout = adapter.layout(model, call["queries"])
     attn_input = seen.shape if seen is not None else None
-    in_features = attn_input[-1] if attn_input is not None and attn_input[-2] == call["queries"] else None
+    # HFSC's added projection reads the attention input, so it needs x as [B, N, C] with the query tokens.
+    plain_tokens = attn_input is not None and len(attn_input) == 3 and call["query_dims"] == 4
+    in_features = attn_input[-1] if plain_tokens and attn_input[-2] == call["queries"] else None
     core = BinaryAttention(recipe.attention.resolve(), call["heads"], call["head_dim"], layout,
                            call["queries"], call["keys"], in_features, adapter.qk_weight(module))
     return core.to(seen.device, seen.dtype) if seen is not None else core
@@ -212,7 +215,10 @@ def _swap_modules(model: nn.Module, walk: _Walk, seen: dict[str, _Seen], convers
         new = replacement.build(module, seen[name].shape, options).to(seen[name].device, seen[name].dtype)
         parent, leaf = _parent(model, name)
         setattr(parent, leaf, new)
-        conversion.swaps.append(Swap(name, original_class(module).__name__, rule.into, rule.label))
+        note = ""
+        if getattr(options, "shortcut", False) and not new.shortcut:
+            note = f"no shortcut: widths {new.in_features} -> {new.out_features} do not divide"
+        conversion.swaps.append(Swap(name, original_class(module).__name__, rule.into, rule.label, note))
 
 
 def _list_kept(model: nn.Module, walk: _Walk, conversion: Conversion) -> None:
@@ -243,17 +249,20 @@ def check_conversion(model: nn.Module, example: torch.Tensor) -> None:
     """Run `model` once; every BinaryLinear and core must run and the output must be finite."""
     called: set[str] = set()
     hooks = []
-    watched = {name: module for name, module in model.named_modules()
-               if isinstance(module, (BinaryLinear, BinaryAttention))}
-    for name, module in watched.items():
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, BinaryLinear)}
+    cores = {name: m for name, m in model.named_modules() if isinstance(m, BinaryAttention)}
+    for name, module in linears.items():
         hooks.append(module.register_forward_pre_hook(lambda m, a, name=name: called.add(name)))
+    for core in cores.values():
+        core.last_call = None  # adapters may call the core's steps rather than the core itself
     try:
         with torch.no_grad():
             output = model(example)
     finally:
         for hook in hooks:
             hook.remove()
-    silent = sorted(set(watched) - called)
+    called.update(name for name, core in cores.items() if core.last_call is not None)
+    silent = sorted((set(linears) | set(cores)) - called)
     if silent:
         raise ConversionCheckError(f"{len(silent)} binary layers never ran after the swap (they would stay full "
                                    f"precision silently): {', '.join(silent[:5])}")

@@ -64,13 +64,13 @@ class ProbabilityBinarizer(ActivationBinarizer):
         return self.kind != "softmax"
 
     def _initialise(self, probs: torch.Tensor) -> None:
-        per_head = probs.detach().transpose(0, 1).reshape(probs.shape[1], -1)
+        per_head = probs.detach().movedim(-3, 0).reshape(probs.shape[-3], -1)
         step = max(1, per_head.shape[1] // 200_000)
         sample = per_head[:, ::step].float()
         if self.kind == "bit":
             value = 2 * torch.quantile(sample, self.init_quantile, dim=1)
         else:
-            value = 1.0 / self._mask(probs.detach()).float().sum(-1).mean(dim=(0, 2))
+            value = 1.0 / self._mask(probs.detach()).float().sum(-1).movedim(-2, 0).reshape(probs.shape[-3], -1).mean(1)
         self.scale.copy_(value.clamp_min(1e-4).reshape(-1, 1, 1).to(self.scale.dtype))
         self.initialised.fill_(True)
 
@@ -190,7 +190,7 @@ class BinaryAttention(nn.Module):
         if q_bands is None or k_bands is None:
             return None
         x = self._attn_input
-        if self.high_projection is not None and x is not None and x.shape[-2] == q.shape[-2]:
+        if self.high_projection is not None and x is not None and x.shape[:-1] == (q.shape[0], q.shape[-2]):
             x_bands = split_tokens_into_bands(x, self.layout, opts.hfsc_bands, opts.prefix_tokens)
             for index, projection in enumerate(self.high_projection, start=1):
                 qk = projection(x_bands[index]).reshape(x.shape[0], x.shape[1], 2, self.heads, self.head_dim)
@@ -199,7 +199,7 @@ class BinaryAttention(nn.Module):
 
     def scores(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
         """Binary Q·Kᵀ * scale; with HFSC the weighted sum of the per-band binary similarities."""
-        self.last_call = {"batch": q.shape[:-3].numel(), "heads": q.shape[-3], "queries": q.shape[-2], "keys": k.shape[-2],
+        self.last_call = {"batch": q.shape[:-3].numel(), "query_dims": q.dim(), "heads": q.shape[-3], "queries": q.shape[-2], "keys": k.shape[-2],
                           "head_dim": q.shape[-1], "value_dim": k.shape[-1]}
         bands = self._bands(q, k)
         if bands is None:

@@ -45,9 +45,8 @@ class BinaryLinear(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
         self.input_binarizer: ActivationBinarizer = ACTIVATION_BINARIZERS[input_binarizer](in_features, surrogate)
         self.binarize_weights = True
-        self.shortcut = shortcut
-        if shortcut and (in_features % out_features and out_features % in_features):
-            raise ValueError(f"a shortcut needs one width to divide the other, got {in_features} -> {out_features}")
+        # A shortcut needs one width to divide the other (e.g. not eva's 192 -> 1024 SwiGLU); elsewhere it is off.
+        self.shortcut = shortcut and not (in_features % out_features and out_features % in_features)
         self.norm = nn.LayerNorm(out_features) if norm == "layernorm" else nn.Identity()
         self.act = act if act is not None else nn.Identity()
 
