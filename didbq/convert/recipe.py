@@ -55,6 +55,22 @@ class Rule(Strict):
     def _targets(cls, targets: list[str]) -> list[str]:
         return [_check_target(t) for t in targets]
 
+    @model_validator(mode="after")
+    def _replacement(self) -> "Rule":
+        from didbq.convert.replacements import REPLACEMENTS
+
+        try:
+            replacement = REPLACEMENTS[self.into]
+        except KeyError as error:
+            raise ValueError(error.args[0]) from None
+        try:
+            replacement.options.model_validate(self.options)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"options.{where}: {_describe(first, replacement.options)}") from None
+        return self
+
     @property
     def label(self) -> str:
         return self.name or ", ".join(self.targets)
@@ -201,11 +217,13 @@ def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: dict[str, Any], model: type[BaseModel] | None = None) -> str:
     kind, message = error["type"], error["msg"]
     if kind == "extra_forbidden":
-        model = _model_at(tuple(error["loc"]))
+        model = model or _model_at(tuple(error["loc"]))
         return f"unknown key (expected one of: {', '.join(model.model_fields)})" if model else "unknown key"
+    if kind == "value_error":
+        return message.removeprefix("Value error, ")
     if kind == "missing":
         return "required key is missing"
     given = error.get("input")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from didbq.nn.binarizers import ACTIVATION_BINARIZERS
@@ -31,6 +31,14 @@ ActName = Literal["none", "rprelu", "token_rprelu"]
 
 class BinaryLinearOptions(Options):
     input_binarizer: str = Field("rsign", description="sign, rsign, bit_signed or identity (FP inputs)")
+
+    @field_validator("input_binarizer")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in ACTIVATION_BINARIZERS:
+            raise ValueError(f"unknown activation binarizer {name!r}; known: {', '.join(ACTIVATION_BINARIZERS)}")
+        return name
+
     surrogate: Literal["approx_sign", "ste"] = "approx_sign"
     shortcut: bool = Field(False, description="y = act(norm(BinLinear(x)) + x), x repeated or group-averaged")
     norm: Literal["layernorm", "none"] = "none"
@@ -56,7 +64,6 @@ def _activation(name: ActName, channels: int, token_shape: tuple[int, ...], opti
 
 
 def _build_binary_linear(module: nn.Module, shape: tuple[int, ...], options: BinaryLinearOptions) -> nn.Module:
-    ACTIVATION_BINARIZERS[options.input_binarizer]  # unknown names fail before any swap
     act = _activation(options.act, module.out_features, shape[1:-1], RPReLUOptions())
     return BinaryLinear.from_linear(module, input_binarizer=options.input_binarizer, surrogate=options.surrogate,
                                     shortcut=options.shortcut, norm=options.norm, act=act)

@@ -207,11 +207,7 @@ def _swap_modules(model: nn.Module, walk: _Walk, seen: dict[str, _Seen], convers
         if not isinstance(module, replacement.accepts):
             raise RecipeError(f"rule {rule.label!r}: {name} is a {type(module).__name__}, but {rule.into} replaces "
                               f"only {', '.join(c.__name__ for c in replacement.accepts)}")
-        try:
-            options = replacement.options.model_validate(rule.options)
-        except Exception as error:  # pydantic ValidationError: report it against the rule
-            raise RecipeError(f"rule {rule.label!r}: invalid options for {rule.into}: "
-                              f"{str(error).splitlines()[1:3]}") from None
+        options = replacement.options.model_validate(rule.options)  # validated with the recipe already
         new = replacement.build(module, seen[name].shape, options).to(seen[name].device, seen[name].dtype)
         parent, leaf = _parent(model, name)
         setattr(parent, leaf, new)

@@ -1,0 +1,3 @@
+from didbq.cli import main
+
+main()

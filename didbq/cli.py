@@ -1,0 +1,186 @@
+"""The `didbq` command line: parses, calls the library, prints. Errors a user can fix exit with code 2."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import warnings
+from collections import Counter, OrderedDict
+from typing import Any, Iterable
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+console = Console(width=None if sys.stdout.isatty() else 150)
+errors = Console(stderr=True)
+
+
+def _parse_model_args(pairs: Iterable[str]) -> dict[str, Any]:
+    """`key=value` pairs for timm.create_model; values are parsed as YAML scalars (ints, floats, bools)."""
+    import yaml
+
+    parsed = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--model-arg")
+        parsed[key] = yaml.safe_load(value)
+    return parsed
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="didbq")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def cli(debug: bool) -> None:
+    """didbq: turn any timm Vision Transformer into a binary (W1A1) network with the DIDB-ViT method.
+
+    Start with `didbq plan <model> --recipe didb` to see what a recipe does to a model.
+    """
+
+
+@cli.command()
+@click.argument("model_name", metavar="MODEL")
+@click.option("--recipe", "-r", default="didb", show_default=True,
+              help="Recipe file, or a built-in recipe name (didb, xnor, bit, reactnet).")
+@click.option("--model-arg", "-m", multiple=True, metavar="KEY=VALUE",
+              help="Extra timm.create_model argument, e.g. -m img_size=160 -m num_classes=10 (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (for scripts).")
+@click.option("--layers", is_flag=True, help="Also print the cost of every layer and attention product.")
+@click.option("--strict/--no-strict", default=True, show_default=True,
+              help="Fail on attention classes didbq does not know (--no-strict: binarize their linears only).")
+@click.option("--strict-rules", is_flag=True, help="Fail when a recipe rule matches no module (default: warn).")
+def plan(model_name: str, recipe: str, model_arg: tuple[str, ...], as_json: bool, layers: bool, strict: bool,
+         strict_rules: bool) -> None:
+    """Dry run: build MODEL (no weights needed), apply the recipe, run one forward pass, and report every
+    replaced and full-precision module, parameters per bit width, packed size and BOPs / FLOPs / OPs."""
+    import didbq
+
+    recipe_obj = didbq.load_recipe(recipe)
+    model = didbq.build_model(model_name, pretrained=False, **_parse_model_args(model_arg))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = didbq.plan(model, recipe_obj, strict=strict, strict_rules=strict_rules, model_name=model_name)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    _print_plan(result, layers)
+
+
+@cli.command()
+def recipes() -> None:
+    """List the built-in recipes, attention variants and supported model families."""
+    from didbq.convert.adapters import supported_families
+    from didbq.convert.recipe import BUILTIN_RECIPES, load_recipe
+    from didbq.nn.attention import ATTENTION_VARIANTS
+
+    table = Table(title="Built-in recipes (use the name or copy the file)")
+    for column in ("name", "file", "attention", "description"):
+        table.add_column(column)
+    for path in sorted(BUILTIN_RECIPES.glob("*.yaml")):
+        recipe = load_recipe(path)
+        table.add_row(recipe.name, str(path), recipe.attention.variant, recipe.description.strip())
+    console.print(table)
+    console.print(f"attention variants: {', '.join(ATTENTION_VARIANTS.names())}")
+    console.print(f"model families: {', '.join(supported_families())}")
+
+
+def _pattern(name: str) -> str:
+    return re.sub(r"\.\d+(?=\.|$)", ".*", name)
+
+
+def _grouped(rows: Iterable[tuple[str, tuple]]) -> list[tuple[str, tuple, int]]:
+    """Rows keyed by module name collapsed into name patterns (blocks.*.attn.qkv) with a count."""
+    counts: Counter = Counter()
+    order: OrderedDict = OrderedDict()
+    for name, values in rows:
+        key = (_pattern(name), values)
+        counts[key] += 1
+        order.setdefault(key, None)
+    return [(pattern, values, counts[(pattern, values)]) for pattern, values in order]
+
+
+def _print_plan(result, layers: bool) -> None:  # noqa: ANN001 (didbq.convert.Plan, imported lazily)
+    console.print(f"[bold]{result.model_name}[/] input {tuple(result.input_size)}, recipe [bold]{result.recipe.name}[/]")
+    swapped = Table(title="Replaced modules", title_justify="left")
+    for column in ("modules", "count", "type", "into", "rule", "note"):
+        swapped.add_column(column)
+    for pattern, (kind, into, rule, note), count in _grouped(
+            (s.name, (s.original_type, s.into, s.rule, s.note)) for s in result.swaps):
+        swapped.add_row(pattern, str(count), kind, into, rule, note)
+    console.print(swapped)
+
+    attention = Table(title="Attention cores", title_justify="left")
+    for column in ("modules", "count", "class", "family", "route", "variant", "queries x keys", "parts off"):
+        attention.add_column(column)
+    for pattern, values, count in _grouped(
+            (a.name, (a.original_type, a.family, a.route, a.variant, f"{a.queries} x {a.keys}",
+                      ", ".join(a.disabled_parts) or "-")) for a in result.attention):
+        attention.add_row(pattern, str(count), *values)
+    console.print(attention)
+
+    kept = Table(title="Full precision", title_justify="left")
+    for column in ("modules", "count", "type", "reason", "parameters"):
+        kept.add_column(column)
+    grouped: dict[tuple, int] = {}
+    counts: Counter = Counter()
+    for k in result.kept:
+        key = (_pattern(k.name), k.type, k.reason)
+        grouped[key] = grouped.get(key, 0) + k.parameters
+        counts[key] += 1
+    for (pattern, kind, reason), parameters in grouped.items():
+        kept.add_row(pattern, str(counts[(pattern, kind, reason)]), kind, reason, f"{parameters:,}")
+    console.print(kept)
+
+    if layers:
+        costs = Table(title="Cost per layer (per image)", title_justify="left")
+        for column in ("layer", "weights", "inputs", "MACs", "BOPs", "FLOPs"):
+            costs.add_column(column, justify="right" if column in ("MACs", "BOPs", "FLOPs") else "left")
+        for layer in result.layers:
+            costs.add_row(layer.name, layer.weights, layer.inputs, f"{layer.macs:,}", f"{layer.bops:,}",
+                          f"{layer.flops:,}")
+        console.print(costs)
+
+    t = result.totals
+    summary = Table(title="Totals (per image; OPs = FLOPs + BOPs/64)", title_justify="left", show_header=False)
+    summary.add_column(justify="left")
+    summary.add_column(justify="right")
+    for label, value in (
+            ("1-bit parameters", f"{t.binary_parameters:,}"),
+            ("full-precision parameters", f"{t.fp_parameters:,}"),
+            ("packed size (analytic)", f"{t.packed_bytes / 1e6:,.2f} MB"),
+            ("fp32 model", f"{t.fp32_bytes / 1e6:,.2f} MB"),
+            ("compression", f"{t.compression:.1f}x"),
+            ("BOPs", f"{t.bops:,}"),
+            ("FLOPs", f"{t.flops:,}"),
+            ("OPs", f"{t.ops:,.0f} ({t.ops:.3g})"),
+            ("full-precision OPs", f"{t.fp_reference_flops:,} ({t.fp_reference_flops:.3g})"),
+            ("OPs reduction", f"{t.ops_reduction:.1f}x")):
+        summary.add_row(label, value)
+    console.print(summary)
+    for warning in result.warnings:
+        errors.print(f"[yellow]warning:[/] {warning}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one-line errors with exit code 2 for problems a user can fix (--debug shows tracebacks)."""
+    from didbq.errors import DidbqError
+
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        cli.main(args=args, prog_name="didbq", standalone_mode=False)
+    except click.exceptions.Abort:
+        errors.print("aborted")
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except DidbqError as error:
+        if "--debug" in args:
+            raise
+        errors.print(f"didbq: error: {error}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(error.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""`plan`: what binarizing a model with a recipe does, without training: swaps, kept modules, sizes and OPs."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from didbq.convert.recipe import Recipe
+from didbq.convert.walker import AttentionSwap, KeptModule, Swap, convert
+from didbq.report import LayerCost, Totals, measure_costs, state_bytes, totals
+
+
+@dataclass
+class Plan:
+    model: nn.Module
+    recipe: Recipe
+    swaps: list[Swap]
+    attention: list[AttentionSwap]
+    kept: list[KeptModule]
+    layers: list[LayerCost]
+    totals: Totals
+    warnings: list[str] = field(default_factory=list)
+    model_name: str | None = None
+    input_size: tuple[int, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """Everything in the plan as plain JSON-ready data (what `didbq plan --json` prints)."""
+        layers = [{**asdict(layer), "bops": layer.bops, "flops": layer.flops} for layer in self.layers]
+        return {
+            "model": self.model_name or type(self.model).__name__,
+            "input_size": list(self.input_size),
+            "recipe": self.recipe.name,
+            "replaced": [asdict(s) for s in self.swaps],
+            "attention": [asdict(a) for a in self.attention],
+            "full_precision": [asdict(k) for k in self.kept],
+            "layers": layers,
+            "totals": self.totals.as_dict(),
+            "warnings": self.warnings,
+        }
+
+
+def plan(model: nn.Module, recipe: Recipe | str, *, strict: bool = True, strict_rules: bool = False,
+         model_name: str | None = None) -> Plan:
+    """Binarize `model` in place (as binarize_model does) and account for every decision and its cost."""
+    fp32_bytes = state_bytes(model)
+    conversion = convert(model, recipe, strict=strict, strict_rules=strict_rules)
+    layers = measure_costs(model, conversion.example_input)
+    return Plan(model=model, recipe=conversion.recipe, swaps=conversion.swaps, attention=conversion.attention,
+                kept=conversion.kept, layers=layers, totals=totals(model, layers, fp32_bytes),
+                warnings=conversion.warnings, model_name=model_name,
+                input_size=tuple(conversion.example_input.shape[1:]))
