@@ -68,11 +68,28 @@ class Conversion:
     example_input: torch.Tensor | None = None
 
 
-def example_input_for(model: nn.Module, batch: int = 1) -> torch.Tensor:
-    """A random batch at the model's default input size (from its pretrained_cfg)."""
+def model_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) the model was built for: its patch embedding's size where it records one
+    (a model built with img_size=... or in_chans=...), else its pretrained_cfg."""
     from timm.data import resolve_model_data_config
 
     channels, height, width = resolve_model_data_config(model)["input_size"]
+    patch_embed = getattr(model, "patch_embed", None)
+    projection = getattr(patch_embed, "proj", None)
+    if isinstance(projection, nn.Conv2d):
+        channels = projection.in_channels
+    for owner in (patch_embed, model):
+        size = getattr(owner, "img_size", None)
+        if isinstance(size, int):
+            return channels, size, size
+        if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
+            return channels, size[0], size[1]
+    return channels, height, width
+
+
+def example_input_for(model: nn.Module, batch: int = 1) -> torch.Tensor:
+    """A random batch at the size the model was built for."""
+    channels, height, width = model_input_size(model)
     reference = next(model.parameters())
     generator = torch.Generator().manual_seed(0)
     return torch.randn(batch, channels, height, width, generator=generator).to(reference.device, reference.dtype)

@@ -7,11 +7,11 @@ attention changes the scores between q·kᵀ and softmax. Every choice of method
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from didbq.nn.binarizers import ACTIVATION_BINARIZERS, ActivationBinarizer, round_ste
@@ -46,6 +46,17 @@ class AttentionOptions(BaseModel):
     prefix_tokens: Literal["global", "zero"] = Field(
         "global", description="class/register tokens: neighbours = the whole grid (global), or no local/high term")
     output_norm: bool = Field(False, description="LayerNorm over each head's output")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_off(cls, data: Any) -> Any:
+        """YAML reads a bare `off` as False: take it as the "off" choice where a field has one."""
+        if isinstance(data, dict):
+            return {key: "off" if value is False and key in _OFF_FIELDS else value for key, value in data.items()}
+        return data
+
+
+_OFF_FIELDS = {"shortcut", "local", "hfsc"}
 
 
 class ProbabilityBinarizer(ActivationBinarizer):

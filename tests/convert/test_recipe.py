@@ -1,0 +1,76 @@
+"""Recipe validation: every built-in recipe loads; every mistake names the file, line and key path."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from didbq.convert.recipe import BUILTIN_RECIPES, load_recipe, parse_recipe
+from didbq.errors import RecipeError
+from didbq.nn.attention import ATTENTION_VARIANTS
+
+BUILTINS = sorted(p.stem for p in BUILTIN_RECIPES.glob("*.yaml"))
+
+
+def test_builtin_recipes_are_the_documented_four_at_least() -> None:
+    assert {"didb", "xnor", "bit", "reactnet"} <= set(BUILTINS)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_builtin_recipe_validates_and_names_itself(name: str) -> None:
+    recipe = load_recipe(name)
+    assert recipe.name == name
+    assert recipe.binarize.rules, "a recipe without rules binarizes nothing"
+    assert recipe.stages, "stages are declared in every built-in recipe"
+
+
+def test_recipe_by_path_and_by_name_are_the_same() -> None:
+    assert load_recipe(Path("recipes/didb.yaml")) == load_recipe("didb")
+
+
+def test_didb_recipe_resolves_to_the_method_defaults() -> None:
+    options = load_recipe("didb").attention.resolve()
+    assert (options.aggregation, options.hfsc, options.local, options.probs) == ("diba", "separate", "laplacian", "bit")
+    assert [s.activations for s in load_recipe("didb").stages] == ["fp", "binary"]
+
+
+def test_attention_overrides_apply_on_top_of_the_variant() -> None:
+    recipe = parse_recipe("name: x\nattention: {variant: didb, hfsc: off, local: neighbour_mean}\n")
+    resolved = recipe.attention.resolve()
+    assert resolved.hfsc == "off" and resolved.local == "neighbour_mean"
+    assert resolved.probs == ATTENTION_VARIANTS["didb"].probs
+
+
+BAD_RECIPES = [
+    ("name: [x\n", "r.yaml: line 2: malformed YAML"),
+    ("- just\n- a list\n", "a recipe is a YAML mapping"),
+    ("name: x\nbinarize:\n  rulez: []\n", "r.yaml: line 3: binarize.rulez: unknown key (expected one of: rules, ignore)"),
+    ("name: x\nattention:\n  variant: didb\n  hfsc: sometimes\n", "line 4: attention.hfsc: Input should be"),
+    ("name: x\nstages:\n  - name: a\n    epochs: 1\n    optimizer: {lr: fast}\n", "stages.0.optimizer.lr"),
+    ("name: x\nattention: {variant: dibd}\n", "did you mean didb"),
+    ("name: x\nbinarize:\n  rules:\n    - {targets: [Linear], into: binary_lin}\n", "did you mean binary_linear"),
+    ("name: x\nbinarize:\n  rules:\n    - {targets: [Linear], into: binary_linear, options: {shortcutt: 1}}\n",
+     "options.shortcutt: unknown key (expected one of: input_binarizer"),
+    ("name: x\nbinarize:\n  rules:\n    - {targets: [Linear], into: binary_linear, options: {input_binarizer: x}}\n",
+     "unknown activation binarizer 'x'"),
+    ("name: x\nbinarize:\n  rules:\n    - {targets: ['re:('], into: identity}\n", "invalid regular expression"),
+    ("name: x\nbinarize:\n  rules:\n    - {targets: ['two words'], into: identity}\n", "neither a module type name"),
+    ("name: x\nstages:\n  - {name: b, epochs: 1, init_from: a}\n", "init_from 'a' is not an earlier stage"),
+    ("name: x\nstages:\n  - {name: b, epochs: 1, steps: 3}\n", "give exactly one of epochs or steps"),
+    ("description: no name\n", "name: required key is missing"),
+]
+
+
+@pytest.mark.parametrize("text, expected", BAD_RECIPES)
+def test_bad_recipe_gives_one_line_error_naming_the_problem(text: str, expected: str) -> None:
+    with pytest.raises(RecipeError) as error:
+        parse_recipe(text, "r.yaml")
+    message = str(error.value)
+    assert expected in message
+    assert "\n" not in message
+    assert message.startswith("r.yaml")
+
+
+def test_missing_recipe_file_lists_the_builtins(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="no such recipe file.*didb"):
+        load_recipe(tmp_path / "missing.yaml")
