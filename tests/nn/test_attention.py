@@ -201,6 +201,10 @@ def test_probability_binarizer_masks_by_hand() -> None:
     probs = torch.tensor([[[[0.5, 0.3, 0.15, 0.05]]]])
     threshold = ProbabilityBinarizer(1, "threshold", 0.75, False).eval()
     assert threshold(probs).flatten().tolist() == [1.0, 1.0, 0.0, 0.0]  # >= row mean 0.25
+    uniform = torch.full((1, 1, 1, 4), 0.25)
+    assert threshold(uniform).flatten().tolist() == [1.0] * 4  # the mean itself is kept (>=)
+    masked = torch.tensor([[[[0.6, 0.4, 0.0, 0.0]]]])  # masked keys (0) do not lower the mean (0.5)
+    assert threshold(masked).flatten().tolist() == [1.0, 0.0, 0.0, 0.0]
     bivit = ProbabilityBinarizer(1, "bivit", 0.75, False).eval()
     assert bivit(probs).flatten().tolist() == [1.0, 1.0, 1.0, 0.0]  # >= 0.25 * 0.5
     bit = ProbabilityBinarizer(1, "bit", 0.75, False).eval()
@@ -425,14 +429,16 @@ def test_windowed_five_dim_input(hfsc: str) -> None:
 
 
 def test_gqa_repeats_key_heads() -> None:
-    core = make_core("plain")
+    core = make_core("plain", heads=4)
     set_binarization(core, activations=False)
-    q = torch.randn(1, HEADS, TOKENS, HEAD_DIM)
-    k = torch.randn(1, 1, TOKENS, HEAD_DIM)
-    v = torch.randn(1, 1, TOKENS, HEAD_DIM)
+    q = torch.randn(1, 4, TOKENS, HEAD_DIM)
+    k = torch.randn(1, 2, TOKENS, HEAD_DIM)
+    v = torch.randn(1, 2, TOKENS, HEAD_DIM)
     out = core(q, k, v, enable_gqa=True)
-    expected = F.scaled_dot_product_attention(q, k.expand(1, HEADS, -1, -1), v.expand(1, HEADS, -1, -1))
+    # query heads 0, 1 share key head 0; query heads 2, 3 share key head 1
+    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1))
     assert torch.allclose(out, expected, atol=1e-5)
+    assert core.products()[0][1] == 4 * TOKENS * TOKENS * HEAD_DIM
 
 
 # ---------------------------------------------------------------- products

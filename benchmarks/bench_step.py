@@ -1,0 +1,250 @@
+"""Training-step cost of binarized models versus the full-precision model, measured side by side on CPU.
+
+One step is `zero_grad(set_to_none=True)`, forward, cross-entropy with random labels (or the logits' mean) and
+`loss.backward()`; no optimizer update. Every model (full precision and one per recipe) is built and converted
+up front, put in train mode with everything binary (`set_binarization(model, True, True)`, the state
+`binarize_model` leaves), and warmed up (the warm-up step also runs the data-aware initialisation of the BiT
+binarizers). The timed steps are interleaved: for each repeat the FP model runs first, then each recipe, so that
+noise from the machine hits every model alike. Reported per model: median step time (and forward-only part),
+min and max, the ratio of its median over the FP median, the median of the per-repeat ratios, and peak RSS.
+
+    python benchmarks/bench_step.py                                   # deit_small, batch 32, 5 timed steps
+    python benchmarks/bench_step.py --model deit_tiny_patch16_224 --repeats 3
+    python benchmarks/bench_step.py --recipes didb "didb[hfsc=off]" "didb[local=off]" --json
+
+A recipe argument is a built-in name or a YAML file, optionally followed by overrides in brackets (used for
+ablations): `didb[hfsc=off,local=off]` sets keys of the recipe's `attention:` section (including `variant`),
+`didb[linear.shortcut=false]` sets an option of the binary_linear rule, `didb[drop_rule=MLP activation]` removes a
+rule (here: GELU stays GELU). Values are parsed as YAML scalars.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+import didbq  # noqa: F401  (first: makes timm importable)
+import torch
+import torch.nn.functional as F
+import yaml
+
+from didbq import binarize_model, build_model
+from didbq.convert.recipe import Recipe, parse_recipe, resolve_recipe_path
+from didbq.nn import BinaryLinear, set_binarization
+from didbq.nn.attention import BinaryAttention
+
+BUILTIN_RECIPES = ["didb", "xnor", "bit", "reactnet"]
+TARGET_RATIO = {"didb": 2.0}  # the issue's target: the DIDB recipe within 2x of full precision
+
+
+# --------------------------------------------------------------------------------------------- recipes
+
+def recipe_from_spec(spec: str) -> Recipe:
+    """`name_or_path` or `name_or_path[key=value,...]` -> a validated Recipe (see the module docstring)."""
+    base, _, rest = spec.partition("[")
+    path = resolve_recipe_path(base)
+    data = yaml.safe_load(path.read_text())
+    if rest:
+        if not rest.endswith("]"):
+            raise SystemExit(f"{spec}: overrides must end with ']'")
+        for item in filter(None, (part.strip() for part in rest[:-1].split(","))):
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise SystemExit(f"{spec}: override {item!r} is not key=value")
+            key, value = key.strip(), yaml.safe_load(raw.strip())
+            rules = data.setdefault("binarize", {}).setdefault("rules", [])
+            if key == "drop_rule":
+                kept = [rule for rule in rules if rule.get("name") != raw.strip()]
+                if len(kept) == len(rules):
+                    raise SystemExit(f"{spec}: no rule named {raw.strip()!r}")
+                data["binarize"]["rules"] = kept
+            elif key.startswith("linear."):
+                targets = [rule for rule in rules if rule.get("into") == "binary_linear"]
+                if not targets:
+                    raise SystemExit(f"{spec}: the recipe has no binary_linear rule")
+                for rule in targets:
+                    rule.setdefault("options", {})[key.removeprefix("linear.")] = value
+            else:
+                data.setdefault("attention", {})[key] = value
+    return parse_recipe(yaml.safe_dump(data, sort_keys=False), spec)
+
+
+# --------------------------------------------------------------------------------------------- memory
+
+def _vm_hwm_kib() -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_hwm() -> bool:
+    """Reset the process's peak-RSS counter (Linux: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------- benchmark
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def make_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
+    models: dict[str, torch.nn.Module] = {}
+    torch.manual_seed(args.seed)
+    models["fp"] = build_model(args.model).train()
+    for spec in args.recipes:
+        torch.manual_seed(args.seed)
+        model = build_model(args.model)
+        binarize_model(model, recipe_from_spec(spec))
+        set_binarization(model, weights=True, activations=True)
+        model.train()
+        linears = sum(isinstance(m, BinaryLinear) for m in model.modules())
+        cores = sum(isinstance(m, BinaryAttention) for m in model.modules())
+        if not linears or not cores:
+            raise SystemExit(f"{spec}: conversion produced {linears} binary linears and {cores} attention cores")
+        models[spec] = model
+    return models
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="deit_small_patch16_224", help="timm model name")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per model (interleaved)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model before timing")
+    parser.add_argument("--recipes", nargs="+", default=BUILTIN_RECIPES,
+                        help="recipe names, files, or name[key=value,...] ablations (default: all built-in)")
+    parser.add_argument("--loss", choices=["ce", "mean"], default="ce",
+                        help="cross-entropy with random labels (default) or the mean of the logits")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or args.batch < 1:
+        parser.error("--repeats and --batch must be at least 1, --warmup at least 0")
+
+    torch.set_num_threads(args.threads)
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True))
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    started = time.perf_counter()
+    models = make_models(args)
+
+    from timm.data import resolve_model_data_config
+
+    channels, height, width = resolve_model_data_config(models["fp"])["input_size"]
+    generator = torch.Generator().manual_seed(args.seed)
+    images = torch.randn(args.batch, channels, height, width, generator=generator)
+    num_classes = models["fp"].num_classes
+    labels = torch.randint(0, num_classes, (args.batch,), generator=generator)
+
+    peak_before_steps = max(_vm_hwm_kib() or 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    track_rss = _reset_hwm()
+    step_s = {name: [] for name in models}
+    forward_s = {name: [] for name in models}
+    peak_kib = {name: 0 for name in models}
+
+    def step(name: str, model: torch.nn.Module) -> tuple[float, float]:
+        if track_rss:
+            _reset_hwm()
+        start = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels) if args.loss == "ce" else logits.mean()
+        forwarded = time.perf_counter()
+        loss.backward()
+        done = time.perf_counter()
+        if not torch.isfinite(loss):
+            raise SystemExit(f"{name}: non-finite loss")
+        if track_rss:
+            peak_kib[name] = max(peak_kib[name], _vm_hwm_kib() or 0)
+        return done - start, forwarded - start
+
+    for index in range(args.warmup):
+        for name, model in models.items():
+            total, _ = step(name, model)
+            log(f"# warm-up {index + 1}/{args.warmup} {name}: {total:.2f} s")
+    for index in range(args.repeats):
+        for name, model in models.items():
+            total, forward = step(name, model)
+            step_s[name].append(total)
+            forward_s[name].append(forward)
+            log(f"# step {index + 1}/{args.repeats} {name}: {total:.2f} s (forward {forward:.2f} s)")
+
+    fp_median = statistics.median(step_s["fp"])
+    rows = []
+    for name in models:
+        median = statistics.median(step_s[name])
+        paired = [s / f for s, f in zip(step_s[name], step_s["fp"])]
+        base = name.partition("[")[0]
+        target = TARGET_RATIO.get(base) if name == base else None
+        rows.append({"model": "full precision" if name == "fp" else name, "step_s": step_s[name],
+                     "forward_s": forward_s[name], "step_median_s": median, "step_min_s": min(step_s[name]),
+                     "step_max_s": max(step_s[name]), "forward_median_s": statistics.median(forward_s[name]),
+                     "ratio_of_medians": median / fp_median, "median_paired_ratio": statistics.median(paired),
+                     "peak_rss_mib": round(peak_kib[name] / 1024, 1) if track_rss else None,
+                     "target_ratio": target,
+                     "meets_target": (median / fp_median <= target) if target is not None else None})
+    process_peak = max(peak_before_steps, *peak_kib.values(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    result = {
+        "benchmark": "step", "model": args.model, "batch": args.batch, "input_size": [channels, height, width],
+        "repeats": args.repeats, "warmup": args.warmup, "loss": args.loss,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": {"nproc": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
+                    "didbq": didbq.__version__, "threads": torch.get_num_threads(),
+                    "loadavg_1m_start": round(load_start, 2) if load_start is not None else None,
+                    "loadavg_1m_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None},
+        "wall_s": round(time.perf_counter() - started, 1),
+        "process_peak_rss_mib": round(process_peak / 1024, 1),
+        "results": rows,
+    }
+    print(json.dumps(result, indent=2) if args.json else markdown(result))
+    return 0
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"Training step of `{result['model']}`, batch {result['batch']}, "
+             f"{'x'.join(map(str, result['input_size']))}, loss {result['loss']}, {result['repeats']} timed steps "
+             f"after {result['warmup']} warm-up, {m['threads']} threads, torch {m['torch']}, {m['cpu']} "
+             f"({m['nproc']} CPUs), {result['date']}; load average {m['loadavg_1m_start']} -> "
+             f"{m['loadavg_1m_end']}",
+             "",
+             "| model | step median (s) | min (s) | max (s) | forward median (s) | ratio vs FP "
+             "| median paired ratio | peak RSS in step (MiB) | target |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    for row in result["results"]:
+        target = "" if row["target_ratio"] is None else (
+            f"<= {row['target_ratio']:g}x: {'yes' if row['meets_target'] else 'no'}")
+        rss = "" if row["peak_rss_mib"] is None else f"{row['peak_rss_mib']:.0f}"
+        lines.append(f"| {row['model']} | {row['step_median_s']:.2f} | {row['step_min_s']:.2f} | "
+                     f"{row['step_max_s']:.2f} | {row['forward_median_s']:.2f} | {row['ratio_of_medians']:.2f}x | "
+                     f"{row['median_paired_ratio']:.2f}x | {rss} | {target} |")
+    lines += ["", f"Process peak RSS: {result['process_peak_rss_mib']:.0f} MiB (wall time {result['wall_s']} s)"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
