@@ -156,13 +156,11 @@ class BinaryAttention(nn.Module):
         self.v_binarizer = make[options.v_binarizer](head_dim, options.surrogate)
         self.prob_binarizer = ProbabilityBinarizer(heads, options.probs, options.probs_init_quantile,
                                                    options.ensure_one_key)
-        self.band_weights = None
-        if band_count > 1:
-            weights = torch.ones(band_count, heads, 1, 1)
-            if options.hfsc_band_weights == "learnable":
-                self.band_weights = nn.Parameter(weights)
-            else:
-                self.register_buffer("band_weights", weights)
+        weights = torch.ones(band_count, heads, 1, 1) if band_count > 1 else None
+        if weights is not None and options.hfsc_band_weights == "learnable":
+            self.band_weights = nn.Parameter(weights)
+        else:
+            self.register_buffer("band_weights", weights)
         self.high_projection = None
         if self.hfsc == "separate" and in_features is not None:
             self.high_projection = self._high_projection(in_features, band_count - 1, qk_weight)

@@ -306,8 +306,6 @@ def test_hfsc_three_bands() -> None:
                                                         "q·kᵀ band 3", "attn·v"]
 
 
-@pytest.mark.xfail(reason="attention.py sets self.band_weights = None before register_buffer('band_weights'), "
-                          "which raises KeyError: attribute 'band_weights' already exists", strict=True)
 @pytest.mark.parametrize("bands", ["one", "three"])
 def test_hfsc_fixed_band_weights_are_a_buffer(bands: str) -> None:
     core = make_core("didb", hfsc="shared", hfsc_bands=bands, hfsc_band_weights="fixed")
