@@ -11,6 +11,7 @@ min and max, the ratio of its median over the FP median, the median of the per-r
     python benchmarks/bench_step.py                                   # deit_small, batch 32, 5 timed steps
     python benchmarks/bench_step.py --model deit_tiny_patch16_224 --repeats 3
     python benchmarks/bench_step.py --recipes didb "didb[hfsc=off]" "didb[local=off]" --json
+    python benchmarks/bench_step.py --fp-unfused      # also FP with an explicit (materialised) softmax attention
 
 A recipe argument is a built-in name or a YAML file, optionally followed by overrides in brackets (used for
 ablations): `didb[hfsc=off,local=off]` sets keys of the recipe's `attention:` section (including `variant`),
@@ -126,6 +127,17 @@ def make_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     models: dict[str, torch.nn.Module] = {}
     torch.manual_seed(args.seed)
     models["fp"] = build_model(args.model).train()
+    if args.fp_unfused:
+        torch.manual_seed(args.seed)
+        unfused = build_model(args.model).train()
+        switched = 0
+        for module in unfused.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = False
+                switched += 1
+        if not switched:
+            raise SystemExit(f"--fp-unfused: {args.model} has no attention module with a fused_attn switch")
+        models["fp-unfused"] = unfused
     for spec in args.recipes:
         torch.manual_seed(args.seed)
         model = build_model(args.model)
@@ -150,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="recipe names, files, or name[key=value,...] ablations (default: all built-in)")
     parser.add_argument("--loss", choices=["ce", "mean"], default="ce",
                         help="cross-entropy with random labels (default) or the mean of the logits")
+    parser.add_argument("--fp-unfused", action="store_true",
+                        help="add a second FP baseline whose attention materialises the attention matrix "
+                             "(fused_attn=False) instead of the fused SDPA kernel")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
@@ -215,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         paired = [s / f for s, f in zip(step_s[name], step_s["fp"])]
         base = name.partition("[")[0]
         target = TARGET_RATIO.get(base) if name == base else None
-        rows.append({"model": "full precision" if name == "fp" else name, "step_s": step_s[name],
+        label = {"fp": "full precision", "fp-unfused": "full precision, unfused attention"}.get(name, name)
+        rows.append({"model": label, "step_s": step_s[name],
                      "forward_s": forward_s[name], "step_median_s": median, "step_min_s": min(step_s[name]),
                      "step_max_s": max(step_s[name]), "forward_median_s": statistics.median(forward_s[name]),
                      "ratio_of_medians": median / fp_median, "median_paired_ratio": statistics.median(paired),

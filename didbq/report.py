@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from didbq.nn.attention import BinaryAttention
 from didbq.nn.linear import BinaryLinear
+from didbq.observe import fresh_cores, run_observed
 
 BOPS_PER_OP = 64
 SCALE_BYTES = 4  # per output row, fp32
@@ -102,23 +102,14 @@ def measure_costs(model: nn.Module, example: torch.Tensor) -> list[LayerCost]:
         else:
             costs[name] = cost
 
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, BinaryLinear, nn.Conv1d, nn.Conv2d)):
-            hooks.append(module.register_forward_hook(
-                lambda m, a, o, name=name: record(name, m, a, o)))
-    cores = {name: m for name, m in model.named_modules() if isinstance(m, BinaryAttention)}
-    for core in cores.values():
-        core.last_call = None
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    hooks = [module.register_forward_hook(lambda m, a, o, name=name: record(name, m, a, o))
+             for name, module in model.named_modules()
+             if isinstance(module, (nn.Linear, BinaryLinear, nn.Conv1d, nn.Conv2d))]
+    cores = fresh_cores(model)
+    run_observed(model, example, hooks)
     layers = list(costs.values())
     for name, core in cores.items():
-        for index, (product, macs, binary) in enumerate(core.products()):
+        for product, macs, binary in core.products():
             added = product.startswith("q·kᵀ band")
             layers.append(LayerCost(f"{name}.{product}", product, "-", "1-bit" if binary else "fp",
                                     macs // images, binary, added_by_method=added))

@@ -23,6 +23,7 @@ from didbq.errors import ConversionCheckError, RecipeError, UnsupportedModelErro
 from didbq.nn.attention import ATTENTION_VARIANTS, BinaryAttention
 from didbq.nn.haar import TokenLayout
 from didbq.nn.linear import BinaryLinear
+from didbq.observe import fresh_cores, run_observed
 
 
 @dataclass
@@ -185,11 +186,8 @@ def _probe(model: nn.Module, walk: _Walk, example: torch.Tensor) -> tuple[dict[s
         recorders[name] = BinaryAttention(ATTENTION_VARIANTS["softmax"], 1, 1, TokenLayout(), 1, 1)
         route(module, recorders[name], adapter.forward)
     try:
-        with torch.no_grad():
-            model(example)
+        run_observed(model, example, hooks)
     finally:
-        for hook in hooks:
-            hook.remove()
         for name in walk.attention:
             unroute(model.get_submodule(name))
     return seen, recorders
@@ -261,19 +259,11 @@ def _list_kept(model: nn.Module, walk: _Walk, conversion: Conversion) -> None:
 def check_conversion(model: nn.Module, example: torch.Tensor) -> None:
     """Run `model` once; every BinaryLinear and core must run and the output must be finite."""
     called: set[str] = set()
-    hooks = []
     linears = {name: m for name, m in model.named_modules() if isinstance(m, BinaryLinear)}
-    cores = {name: m for name, m in model.named_modules() if isinstance(m, BinaryAttention)}
-    for name, module in linears.items():
-        hooks.append(module.register_forward_pre_hook(lambda m, a, name=name: called.add(name)))
-    for core in cores.values():
-        core.last_call = None  # adapters may call the core's steps rather than the core itself
-    try:
-        with torch.no_grad():
-            output = model(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    hooks = [module.register_forward_pre_hook(lambda m, a, name=name: called.add(name))
+             for name, module in linears.items()]
+    cores = fresh_cores(model)  # adapters may call the core's steps rather than the core itself
+    output = run_observed(model, example, hooks)
     called.update(name for name, core in cores.items() if core.last_call is not None)
     silent = sorted((set(linears) | set(cores)) - called)
     if silent:
