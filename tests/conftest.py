@@ -6,9 +6,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import didbq  # noqa: E402,F401  (runs the torchvision guard)
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+import didbq  # noqa: E402,F401  (runs the torchvision guard)
 
 torch.set_num_threads(2)
 

@@ -8,7 +8,7 @@ is actually called instead of `F.linear(x, self.qkv.weight, ...)`). Classes with
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -71,7 +71,6 @@ class AttentionAdapter:
     forward: Callable[..., torch.Tensor] | None = None
     layout: Callable[[nn.Module, int], TokenLayout] = _same_layout
     qk_weight: Callable[[nn.Module], torch.Tensor | None] = _qk_rows
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def route(self) -> str:

@@ -13,8 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from didbq.convert.adapters import (ADAPTERS, FULL_PRECISION_PARTS, AttentionAdapter, class_key,
-                                    looks_like_attention, supported_families)
+from didbq.convert.adapters import (
+    ADAPTERS,
+    FULL_PRECISION_PARTS,
+    AttentionAdapter,
+    class_key,
+    looks_like_attention,
+    supported_families,
+)
 from didbq.convert.matching import first_match
 from didbq.convert.recipe import Recipe, Rule, load_recipe
 from didbq.convert.replacements import REPLACEMENTS
@@ -164,7 +170,6 @@ class _Seen:
     shape: tuple[int, ...]
     device: torch.device
     dtype: torch.dtype
-    calls: int = 0
 
 
 def _probe(model: nn.Module, walk: _Walk, example: torch.Tensor) -> tuple[dict[str, _Seen], dict[str, BinaryAttention]]:
@@ -176,8 +181,6 @@ def _probe(model: nn.Module, walk: _Walk, example: torch.Tensor) -> tuple[dict[s
             tensor = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
             if tensor is not None and name not in seen:
                 seen[name] = _Seen(tuple(tensor.shape), tensor.device, tensor.dtype)
-            if name in seen:
-                seen[name].calls += 1
         hooks.append(model.get_submodule(name).register_forward_pre_hook(record, with_kwargs=True))
     recorders: dict[str, BinaryAttention] = {}
     for name, adapter in walk.attention.items():

@@ -1,14 +1,23 @@
 """The binary attention cores: DIBA, HFSC and the baselines (method.md sections 2, 3 and 5)."""
 from __future__ import annotations
 
+import pydantic
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from didbq.nn import (ATTENTION_VARIANTS, AttentionOptions, BinaryAttention, ProbabilityBinarizer, TokenLayout,
-                      hard_sign, local_difference, set_binarization)
+from didbq.nn import (
+    ATTENTION_VARIANTS,
+    AttentionOptions,
+    BinaryAttention,
+    ProbabilityBinarizer,
+    TokenLayout,
+    hard_sign,
+    local_difference,
+    set_binarization,
+)
 from didbq.nn.binarizers import BiTSigned, Identity, Sign
 
 FAST = settings(max_examples=25, deadline=None)
@@ -58,7 +67,7 @@ def test_variants_are_registered() -> None:
         "diba", "separate", "bit", "head", "laplacian")
     assert ATTENTION_VARIANTS["bivit"].probs == "bivit"
     assert ATTENTION_VARIANTS["plain"].probs == "threshold"
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError):
         AttentionOptions(not_an_option=1)
 
 
