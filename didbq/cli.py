@@ -6,11 +6,14 @@ import re
 import sys
 import warnings
 from collections import Counter, OrderedDict
+from pathlib import Path
 from typing import Any, Iterable
 
 import click
 from rich.console import Console
 from rich.table import Table
+
+from didbq.errors import DidbqError
 
 console = Console(width=None if sys.stdout.isatty() else 150)
 errors = Console(stderr=True)
@@ -65,6 +68,100 @@ def plan(model_name: str, recipe: str, model_arg: tuple[str, ...], as_json: bool
         click.echo(json.dumps(result.as_dict(), indent=2))
         return
     _print_plan(result, layers)
+
+
+@cli.command()
+@click.argument("model_name", metavar="MODEL", required=False)
+@click.option("--recipe", "-r", default=None, help="Recipe file or built-in name (default: didb; on --resume: the "
+                                                  "run's own recipe).")
+@click.option("--data", "-d", default=None,
+              help="Dataset: fashion-mnist, digits, a local image folder or parquet/arrow file, or a Hugging Face "
+                   "hub name (needs a network).")
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=None, help="Output folder.")
+@click.option("--teacher-checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Full-precision teacher weights (safetensors, or a torch state dict read with weights_only).")
+@click.option("--resume", "resume", type=click.Path(path_type=Path), default=None, metavar="RUN",
+              help="Continue the run in this folder from its last checkpoint.")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty output folder.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1 or auto.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (log lines only).")
+@click.option("--json", "as_json", is_flag=True, help="Print the final accuracies as JSON.")
+def binarize(model_name: str | None, recipe: str | None, data: str | None, out: Path | None,
+             teacher_checkpoint: Path | None, resume: Path | None, force: bool, device: str, no_progress: bool,
+             as_json: bool) -> None:
+    """Train a binary student of MODEL on --data: teacher, conversion and the recipe's distillation stages.
+
+    Writes the effective recipe, metrics.jsonl, curves.png, checkpoints and student.safetensors into --out.
+    Runs data-parallel under `torchrun --nproc_per_node N -m didbq binarize ...`.
+    """
+    import didbq  # noqa: F401  (torchvision guard before timm)
+    from didbq.train import distributed
+    from didbq.train.run_folder import read_run
+    from didbq.train.runner import BinarizeConfig
+    from didbq.train.runner import binarize as run_binarize
+
+    if resume is not None:
+        run, saved_recipe = read_run(resume)
+        model_name, data, out = model_name or run["model_name"], data or run["data"], resume
+        recipe_obj = didbq.load_recipe(recipe) if recipe else saved_recipe
+        checkpoint = teacher_checkpoint or (Path(run["teacher_checkpoint"]) if run["teacher_checkpoint"] else None)
+    else:
+        missing = [flag for flag, value in (("MODEL", model_name), ("--data", data), ("--out", out)) if not value]
+        if missing:
+            raise click.UsageError(f"missing {', '.join(missing)} (or give --resume RUN)")
+        recipe_obj, checkpoint = didbq.load_recipe(recipe or "didb"), teacher_checkpoint
+    context = distributed.setup(device)
+    log = (lambda message: errors.print(message, markup=False, highlight=False)) if context.is_main else _quiet
+    try:
+        config = BinarizeConfig(model_name, data, Path(out), checkpoint, resume is not None, force, not no_progress)
+        results = run_binarize(config, recipe_obj, context, log)
+    finally:
+        distributed.teardown(context)
+    if context.is_main:
+        if as_json:
+            click.echo(json.dumps(results, indent=2))
+        else:
+            _print_results(results, Path(out))
+
+
+def _quiet(message: str) -> None:
+    """Log sink of DDP ranks other than 0."""
+
+
+def _print_results(results: dict[str, dict[str, float]], out: Path) -> None:
+    table = Table(title=f"Test accuracy ({out})", title_justify="left")
+    for column in ("model", "top-1 %", "top-5 %"):
+        table.add_column(column)
+    for name, result in results.items():
+        table.add_row(name, f"{result['top1']:.2f}", f"{result['top5']:.2f}")
+    console.print(table)
+
+
+@cli.command(name="eval")
+@click.argument("run_folder", type=click.Path(path_type=Path))
+@click.option("--data", "-d", default=None, help="Dataset (default: the run's own).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def evaluate_run(run_folder: Path, data: str | None, as_json: bool) -> None:
+    """Top-1 / top-5 of the trained student in RUN_FOLDER on the test split of --data."""
+    import didbq  # noqa: F401
+    from didbq.train.data import TransformedImages, load_image_data, transform_spec_for
+    from didbq.train.evaluate import evaluate
+    from didbq.train.run_folder import load_student, read_run
+
+    run, recipe = read_run(run_folder)
+    model = load_student(run_folder)
+    spec = recipe.data
+    images = load_image_data(data or run["data"], image_column=spec.image_column, label_column=spec.label_column,
+                             test_limit=spec.test_limit, seed=recipe.run.seed)
+    if images.num_classes != len(run["class_names"]):
+        raise DidbqError(f"{data}: {images.num_classes} classes, but the model was trained on "
+                         f"{len(run['class_names'])}")
+    transform = transform_spec_for(model, augment="none", input_size=spec.input_size, mean=spec.mean, std=spec.std)
+    result = evaluate(model, TransformedImages(images.test, images, transform, train=False), spec.eval_batch_size)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        _print_results({"student": result}, run_folder)
 
 
 @cli.command()
@@ -164,7 +261,6 @@ def _print_plan(result, layers: bool) -> None:  # noqa: ANN001 (didbq.convert.Pl
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors with exit code 2 for problems a user can fix (--debug shows tracebacks)."""
-    from didbq.errors import DidbqError
 
     args = sys.argv[1:] if argv is None else argv
     try:

@@ -163,12 +163,55 @@ class Stage(Strict):
         return self
 
 
+class ModelSection(Strict):
+    args: dict[str, Any] = Field(default_factory=dict,
+                                 description="timm.create_model arguments, e.g. {img_size: 28, patch_size: 7}")
+
+
+class DataSection(Strict):
+    batch_size: int = Field(64, gt=0, description="global batch (split across DDP ranks)")
+    eval_batch_size: int = Field(256, gt=0)
+    workers: int = Field(2, ge=0, description="DataLoader worker processes")
+    augment: Literal["none", "light", "timm"] = "light"
+    input_size: tuple[int, int, int] | None = Field(None, description="[C, H, W]; default: the model's")
+    mean: tuple[float, ...] | None = Field(None, description="default: the model's pretrained_cfg")
+    std: tuple[float, ...] | None = None
+    train_limit: int | None = Field(None, gt=0, description="use only this many training images")
+    test_limit: int | None = Field(None, gt=0)
+    image_column: str | None = None
+    label_column: str | None = None
+
+
+class TeacherSection(Strict):
+    pretrained: bool = Field(True, description="timm hub weights when no --teacher-checkpoint is given")
+    train: Stage | None = Field(None, description="full-precision fine-tuning of the teacher before distillation")
+
+    @field_validator("train")
+    @classmethod
+    def _label_loss(cls, stage: Stage | None) -> Stage | None:
+        if stage is not None and (stage.loss.kd_weight != 0 or stage.loss.label_weight <= 0):
+            raise ValueError("the teacher trains on labels: set loss.kd_weight: 0 and loss.label_weight > 0")
+        return stage
+
+
+class RunSection(Strict):
+    seed: int = 0
+    checkpoint_every: int = Field(200, gt=0, description="steps between checkpoints (and at every stage end)")
+    log_every: int = Field(10, gt=0)
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    deterministic: bool = Field(True, description="deterministic algorithms (bit-identical resume on CPU)")
+
+
 class Recipe(Strict):
     name: str
     description: str = ""
+    model: ModelSection = Field(default_factory=ModelSection)
     binarize: Binarize = Field(default_factory=Binarize)
     attention: Attention = Field(default_factory=Attention)
+    data: DataSection = Field(default_factory=DataSection)
+    teacher: TeacherSection = Field(default_factory=TeacherSection)
     stages: list[Stage] = Field(default_factory=list)
+    run: RunSection = Field(default_factory=RunSection)
 
     @model_validator(mode="after")
     def _stage_links(self) -> "Recipe":
