@@ -6,7 +6,9 @@ up front, put in train mode with everything binary (`set_binarization(model, Tru
 `binarize_model` leaves), and warmed up (the warm-up step also runs the data-aware initialisation of the BiT
 binarizers). The timed steps are interleaved: for each repeat the FP model runs first, then each recipe, so that
 noise from the machine hits every model alike. Reported per model: median step time (and forward-only part),
-min and max, the ratio of its median over the FP median, the median of the per-repeat ratios, and peak RSS.
+min and max, the ratio of its median over the FP median and the median of the per-repeat ratios. Then one
+untimed step per model measures memory: the bytes autograd saves for backward and the peak-RSS growth of the
+step; the process peak RSS (getrusage) closes the report.
 
     python benchmarks/bench_step.py                                   # deit_small, batch 32, 5 timed steps
     python benchmarks/bench_step.py --model deit_tiny_patch16_224 --repeats 3
@@ -14,13 +16,15 @@ min and max, the ratio of its median over the FP median, the median of the per-r
     python benchmarks/bench_step.py --fp-unfused      # also FP with an explicit (materialised) softmax attention
 
 A recipe argument is a built-in name or a YAML file, optionally followed by overrides in brackets (used for
-ablations): `didb[hfsc=off,local=off]` sets keys of the recipe's `attention:` section (including `variant`),
+ablations): `didb[hfsc=off,local=off]` sets keys of the recipe's `attention:` section, `didb[variant=softmax]` replaces
+that whole section by a preset (softmax: full-precision attention products),
 `didb[linear.shortcut=false]` sets an option of the binary_linear rule, `didb[drop_rule=MLP activation]` removes a
 rule (here: GELU stays GELU). Values are parsed as YAML scalars.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -71,6 +75,8 @@ def recipe_from_spec(spec: str) -> Recipe:
                     raise SystemExit(f"{spec}: the recipe has no binary_linear rule")
                 for rule in targets:
                     rule.setdefault("options", {})[key.removeprefix("linear.")] = value
+            elif key == "variant":
+                data["attention"] = {"variant": value}  # the preset alone: drop the recipe's own settings
             else:
                 data.setdefault("attention", {})[key] = value
     return parse_recipe(yaml.safe_dump(data, sort_keys=False), spec)
@@ -108,6 +114,42 @@ def _reset_hwm() -> bool:
         return True
     except OSError:
         return False
+
+
+def _malloc_trim() -> None:
+    """Give freed heap memory back to the OS (glibc), so that RSS before a step is a fair baseline."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def memory_pass(model: torch.nn.Module, loss_of) -> dict:
+    """One untimed step: bytes autograd saves for backward (parameters excluded) and the peak RSS growth."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    _malloc_trim()
+    tracked = _reset_hwm()
+    resident = _vm_rss_kib()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = loss_of(model)
+    loss.backward()
+    peak = _vm_hwm_kib() if tracked else None
+    del loss
+    return {"saved_mib": round(sum(saved.values()) / 2**20, 1),
+            "rss_growth_mib": round((peak - resident) / 1024, 1) if peak and resident else None,
+            "peak_kib": peak}
 
 
 # --------------------------------------------------------------------------------------------- benchmark
@@ -165,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp-unfused", action="store_true",
                         help="add a second FP baseline whose attention materialises the attention matrix "
                              "(fused_attn=False) instead of the fused SDPA kernel")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip the extra untimed step per model that measures activation memory")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
@@ -186,30 +230,22 @@ def main(argv: list[str] | None = None) -> int:
     num_classes = models["fp"].num_classes
     labels = torch.randint(0, num_classes, (args.batch,), generator=generator)
 
-    peak_before_steps = max(_vm_hwm_kib() or 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-    track_rss = _reset_hwm()
     step_s = {name: [] for name in models}
     forward_s = {name: [] for name in models}
-    peak_kib = {name: 0 for name in models}  # growth of the peak RSS during a step over the RSS before it
-    process_peak_kib = [peak_before_steps]
+
+    def loss_of(model: torch.nn.Module) -> torch.Tensor:
+        logits = model(images)
+        return F.cross_entropy(logits, labels) if args.loss == "ce" else logits.mean()
 
     def step(name: str, model: torch.nn.Module) -> tuple[float, float]:
-        if track_rss:
-            _reset_hwm()
-            resident = _vm_rss_kib() or 0
         start = time.perf_counter()
         model.zero_grad(set_to_none=True)
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels) if args.loss == "ce" else logits.mean()
+        loss = loss_of(model)
         forwarded = time.perf_counter()
         loss.backward()
         done = time.perf_counter()
         if not torch.isfinite(loss):
             raise SystemExit(f"{name}: non-finite loss")
-        if track_rss:
-            hwm = _vm_hwm_kib() or 0
-            process_peak_kib[0] = max(process_peak_kib[0], hwm)
-            peak_kib[name] = max(peak_kib[name], hwm - resident)
         return done - start, forwarded - start
 
     for index in range(args.warmup):
@@ -222,6 +258,18 @@ def main(argv: list[str] | None = None) -> int:
             step_s[name].append(total)
             forward_s[name].append(forward)
             log(f"# step {index + 1}/{args.repeats} {name}: {total:.2f} s (forward {forward:.2f} s)")
+    # ru_maxrss is the true process peak so far (nothing has reset it yet).
+    process_peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    memory = {name: {"saved_mib": None, "rss_growth_mib": None} for name in models}
+    if args.memory:
+        for name, model in models.items():
+            memory[name] = memory_pass(model, loss_of)
+            log(f"# memory {name}: saved for backward {memory[name]['saved_mib']} MiB, "
+                f"RSS growth {memory[name]['rss_growth_mib']} MiB")
+            peak = memory[name].pop("peak_kib", None)
+            if peak is not None:
+                process_peak_kib = max(process_peak_kib, peak)
 
     fp_median = statistics.median(step_s["fp"])
     rows = []
@@ -235,11 +283,10 @@ def main(argv: list[str] | None = None) -> int:
                      "forward_s": forward_s[name], "step_median_s": median, "step_min_s": min(step_s[name]),
                      "step_max_s": max(step_s[name]), "forward_median_s": statistics.median(forward_s[name]),
                      "ratio_of_medians": median / fp_median, "median_paired_ratio": statistics.median(paired),
-                     "step_peak_rss_growth_mib": round(peak_kib[name] / 1024, 1) if track_rss else None,
+                     "saved_for_backward_mib": memory[name]["saved_mib"],
+                     "step_rss_growth_mib": memory[name]["rss_growth_mib"],
                      "target_ratio": target,
                      "meets_target": (median / fp_median <= target) if target is not None else None})
-    # Resetting VmHWM also resets getrusage's ru_maxrss, so the process peak is the largest VmHWM seen.
-    process_peak = max(process_peak_kib[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     result = {
         "benchmark": "step", "model": args.model, "batch": args.batch, "input_size": [channels, height, width],
         "repeats": args.repeats, "warmup": args.warmup, "loss": args.loss,
@@ -249,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                     "loadavg_1m_start": round(load_start, 2) if load_start is not None else None,
                     "loadavg_1m_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None},
         "wall_s": round(time.perf_counter() - started, 1),
-        "process_peak_rss_mib": round(process_peak / 1024, 1),
+        "process_peak_rss_mib": round(process_peak_kib / 1024, 1),
         "results": rows,
     }
     print(json.dumps(result, indent=2) if args.json else markdown(result))
@@ -265,18 +312,20 @@ def markdown(result: dict) -> str:
              f"{m['loadavg_1m_end']}",
              "",
              "| model | step median (s) | min (s) | max (s) | forward median (s) | ratio vs FP "
-             "| median paired ratio | RSS growth in step (MiB) | target |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+             "| median paired ratio | saved for backward (MiB) | RSS growth in step (MiB) | target |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for row in result["results"]:
         target = "" if row["target_ratio"] is None else (
             f"<= {row['target_ratio']:g}x: {'yes' if row['meets_target'] else 'no'}")
-        rss = "" if row["step_peak_rss_growth_mib"] is None else f"{row['step_peak_rss_growth_mib']:.0f}"
+        saved = "" if row["saved_for_backward_mib"] is None else f"{row['saved_for_backward_mib']:.0f}"
+        rss = "" if row["step_rss_growth_mib"] is None else f"{row['step_rss_growth_mib']:.0f}"
         lines.append(f"| {row['model']} | {row['step_median_s']:.2f} | {row['step_min_s']:.2f} | "
                      f"{row['step_max_s']:.2f} | {row['forward_median_s']:.2f} | {row['ratio_of_medians']:.2f}x | "
-                     f"{row['median_paired_ratio']:.2f}x | {rss} | {target} |")
-    lines += ["", f"Process peak RSS (all models resident): {result['process_peak_rss_mib']:.0f} MiB; RSS growth in "
-                  f"step = peak RSS during one step minus the RSS before it (activations and gradients kept for "
-                  f"backward); wall time {result['wall_s']} s"]
+                     f"{row['median_paired_ratio']:.2f}x | {saved} | {rss} | {target} |")
+    lines += ["", f"Process peak RSS (getrusage; all {len(result['results'])} models resident): "
+                  f"{result['process_peak_rss_mib']:.0f} MiB. Saved for backward: bytes of the distinct non-parameter "
+                  f"tensors autograd keeps for backward in one step; RSS growth: peak RSS during one extra step "
+                  f"minus the RSS before it (after malloc_trim). Wall time {result['wall_s']} s."]
     return "\n".join(lines)
 
 

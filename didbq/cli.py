@@ -96,6 +96,8 @@ def binarize(model_name: str | None, recipe: str | None, data: str | None, out: 
     """
     import didbq  # noqa: F401  (torchvision guard before timm)
     from didbq.train import distributed
+
+    _quiet_datasets()
     from didbq.train.run_folder import read_run
     from didbq.train.runner import BinarizeConfig
     from didbq.train.runner import binarize as run_binarize
@@ -124,6 +126,13 @@ def binarize(model_name: str | None, recipe: str | None, data: str | None, out: 
             _print_results(results, Path(out))
 
 
+def _quiet_datasets() -> None:
+    """datasets' own progress bars would interleave with ours (and with one-line errors)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
 def _quiet(message: str) -> None:
     """Log sink of DDP ranks other than 0."""
 
@@ -145,6 +154,8 @@ def evaluate_run(run_folder: Path, data: str | None, as_json: bool) -> None:
     """Top-1 / top-5 of the trained student in RUN_FOLDER on the test split of --data."""
     import didbq  # noqa: F401
     from didbq.train.data import TransformedImages, load_image_data, transform_spec_for
+
+    _quiet_datasets()
     from didbq.train.evaluate import evaluate
     from didbq.train.run_folder import load_student, read_run
 

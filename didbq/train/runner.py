@@ -19,14 +19,6 @@ from typing import Any, Callable
 
 import torch
 import yaml
-from didbq.train.data import (
-    ImageData,
-    TransformedImages,
-    batches_for_rank,
-    epoch_order,
-    load_image_data,
-    transform_spec_for,
-)
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -46,6 +38,14 @@ from didbq.train.checkpoint import (
     save_weights,
     write_json,
     write_text,
+)
+from didbq.train.data import (
+    ImageData,
+    TransformedImages,
+    batches_for_rank,
+    epoch_order,
+    load_image_data,
+    transform_spec_for,
 )
 from didbq.train.distributed import Distributed
 from didbq.train.evaluate import evaluate

@@ -1,0 +1,1 @@
+"""Training by distillation: data (didbq.train.data), and the loop that uses it."""
