@@ -7,7 +7,9 @@ STAMP := $(VENV)/.didbq-installed
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install demo test clean
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: install data demo plan-demo test clean
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,13 +18,24 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 
 install: $(STAMP)
 
-demo: install
-	$(BIN)/didbq recipes
-	$(BIN)/didbq plan deit_tiny_patch16_224 --recipe recipes/didb.yaml
-	$(BIN)/didbq plan swin_tiny_patch4_window7_224 --recipe recipes/xnor.yaml --json | $(BIN)/python -c \
-	  "import json,sys; t=json.load(sys.stdin)['totals']; print('swin_tiny xnor: BOPs {bops:,} FLOPs {flops:,} OPs {ops:,.0f} packed {packed_bytes:,} B'.format(**t))"
+# Fashion-MNIST, offline, from Debian's package (needs root or sudo once).
+$(FASHION_MNIST):
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq dataset-fashion-mnist
 
-test: install
+data: $(FASHION_MNIST)
+
+# The offline quickstart: a small ViT teacher trained on Fashion-MNIST, then the DIDB student distilled in two
+# stages, evaluated and written to runs/quick (a few minutes on 2 cores).
+demo: install data
+	$(BIN)/didbq plan vit_tiny_patch16_224 --recipe recipes/quick.yaml -m num_classes=10
+	$(BIN)/didbq binarize vit_tiny_patch16_224 --recipe recipes/quick.yaml --data fashion-mnist --out runs/quick --force
+	$(BIN)/didbq eval runs/quick
+
+plan-demo: install
+	$(BIN)/didbq plan deit_small_patch16_224 --recipe recipes/didb.yaml
+
+test: install data
 	$(BIN)/python -m pytest
 
 clean:

@@ -47,7 +47,8 @@ def cli(debug: bool) -> None:
 @click.option("--recipe", "-r", default="didb", show_default=True,
               help="Recipe file, or a built-in recipe name (didb, xnor, bit, reactnet).")
 @click.option("--model-arg", "-m", multiple=True, metavar="KEY=VALUE",
-              help="Extra timm.create_model argument, e.g. -m img_size=160 -m num_classes=10 (repeatable).")
+              help="timm.create_model argument on top of the recipe's model.args, e.g. -m img_size=160 "
+                   "-m num_classes=10 (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (for scripts).")
 @click.option("--layers", is_flag=True, help="Also print the cost of every layer and attention product.")
 @click.option("--strict/--no-strict", default=True, show_default=True,
@@ -60,7 +61,8 @@ def plan(model_name: str, recipe: str, model_arg: tuple[str, ...], as_json: bool
     import didbq
 
     recipe_obj = didbq.load_recipe(recipe)
-    model = didbq.build_model(model_name, pretrained=False, **_parse_model_args(model_arg))
+    arguments = {**recipe_obj.model.args, **_parse_model_args(model_arg)}  # the recipe's model.args, then -m
+    model = didbq.build_model(model_name, pretrained=False, **arguments)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = didbq.plan(model, recipe_obj, strict=strict, strict_rules=strict_rules, model_name=model_name)

@@ -5,8 +5,6 @@ exactly one bit per element. Activation binarizers are registered by name so tha
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -18,26 +16,43 @@ def hard_sign(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
-def _clipped_identity(x: torch.Tensor) -> torch.Tensor:
-    return x.clamp(-1.0, 1.0)
+def _surrogate_derivative(x: torch.Tensor, surrogate: str) -> torch.Tensor:
+    """d/dx of the surrogate curve: "ste" clipped identity (1 on |x| <= 1), "approx_sign" Bi-Real's piecewise
+    quadratic (2+2x on [-1,0], 2-2x on (0,1], 0 elsewhere, i.e. max(0, 2-2|x|)), "identity" plain STE."""
+    if surrogate == "approx_sign":
+        return x.abs().mul_(-2.0).add_(2.0).clamp_(min=0.0)
+    if surrogate == "ste":
+        return (x.abs() <= 1.0).to(x.dtype)
+    return torch.ones_like(x)
 
 
-def _approx_sign_curve(x: torch.Tensor) -> torch.Tensor:
-    """Bi-Real's piecewise quadratic: its derivative is 2+2x on [-1,0], 2-2x on (0,1], 0 elsewhere."""
-    x = x.clamp(-1.0, 1.0)
-    return 2 * x - x * x.abs()
+SURROGATES = ("approx_sign", "ste", "identity")
 
 
-SIGN_SURROGATES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "ste": _clipped_identity,
-    "approx_sign": _approx_sign_curve,
-}
+class _Sign(torch.autograd.Function):
+    """hard_sign forward, surrogate derivative backward: one saved tensor and a few in-place ops, instead of the
+    half-dozen full-size temporaries of the `soft + (hard - soft).detach()` trick (this runs on every binary
+    activation, so it dominates the cost of a binary training step)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, surrogate: str) -> torch.Tensor:  # noqa: ANN001 (autograd protocol)
+        ctx.save_for_backward(x)
+        ctx.surrogate = surrogate
+        return hard_sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        (x,) = ctx.saved_tensors
+        if ctx.surrogate == "identity":
+            return grad, None
+        return _surrogate_derivative(x, ctx.surrogate).mul_(grad), None
 
 
 def sign_with_surrogate(x: torch.Tensor, surrogate: str = "approx_sign") -> torch.Tensor:
     """Forward: hard_sign(x). Backward: the derivative of the named surrogate curve."""
-    soft = SIGN_SURROGATES[surrogate](x)
-    return soft + (hard_sign(x) - soft).detach()
+    if surrogate not in SURROGATES:
+        raise KeyError(f"unknown sign surrogate {surrogate!r}; known: {', '.join(SURROGATES)}")
+    return _Sign.apply(x, surrogate)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +66,7 @@ def binarize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     straight through the sign to the latent weight and through the scale.
     """
     centred = weight - weight.mean(dim=1, keepdim=True)
-    signs = centred + (hard_sign(centred) - centred).detach()
+    signs = sign_with_surrogate(centred, "identity")
     scale = weight.abs().mean(dim=1, keepdim=True)
     return signs, scale
 
