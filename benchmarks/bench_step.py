@@ -6,7 +6,8 @@ up front, put in train mode with everything binary (`set_binarization(model, Tru
 `binarize_model` leaves), and warmed up (the warm-up step also runs the data-aware initialisation of the BiT
 binarizers). The timed steps are interleaved: for each repeat the FP model runs first, then each recipe, so that
 noise from the machine hits every model alike. Reported per model: median step time (and forward-only part),
-min and max, the ratio of its median over the FP median and the median of the per-repeat ratios. Then one
+min and max, the ratio of its median over the FP median, the median of the per-repeat ratios, the ratio of the
+fastest steps, and the same for process CPU time (robust to other load on the machine). Then one
 untimed step per model measures memory: the bytes autograd saves for backward and the peak-RSS growth of the
 step; the process peak RSS (getrusage) closes the report.
 
@@ -33,12 +34,13 @@ import statistics
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
-import didbq  # noqa: F401  (first: makes timm importable)
 import torch
 import torch.nn.functional as F
 import yaml
 
+import didbq  # noqa: F401  (before any timm import: makes timm importable)
 from didbq import binarize_model, build_model
 from didbq.convert.recipe import Recipe, parse_recipe, resolve_recipe_path
 from didbq.nn import BinaryLinear, set_binarization
@@ -154,6 +156,21 @@ def memory_pass(model: torch.nn.Module, loss_of) -> dict:
 
 # --------------------------------------------------------------------------------------------- benchmark
 
+def git_commit() -> str | None:
+    """The checkout's commit, with "+dirty" when didbq/ has uncommitted changes (None outside a git checkout)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "didbq"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as handle:
@@ -219,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     log = (lambda *a: print(*a, file=sys.stderr, flush=True))
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    commit = git_commit()  # at start: the code this process imported
     started = time.perf_counter()
     models = make_models(args)
 
@@ -232,32 +250,37 @@ def main(argv: list[str] | None = None) -> int:
 
     step_s = {name: [] for name in models}
     forward_s = {name: [] for name in models}
+    cpu_s = {name: [] for name in models}
 
     def loss_of(model: torch.nn.Module) -> torch.Tensor:
         logits = model(images)
         return F.cross_entropy(logits, labels) if args.loss == "ce" else logits.mean()
 
-    def step(name: str, model: torch.nn.Module) -> tuple[float, float]:
+    def step(name: str, model: torch.nn.Module) -> tuple[float, float, float]:
+        cpu_start = time.process_time()
         start = time.perf_counter()
         model.zero_grad(set_to_none=True)
         loss = loss_of(model)
         forwarded = time.perf_counter()
         loss.backward()
         done = time.perf_counter()
+        cpu = time.process_time() - cpu_start
         if not torch.isfinite(loss):
             raise SystemExit(f"{name}: non-finite loss")
-        return done - start, forwarded - start
+        return done - start, forwarded - start, cpu
 
     for index in range(args.warmup):
         for name, model in models.items():
-            total, _ = step(name, model)
+            total, _, _ = step(name, model)
             log(f"# warm-up {index + 1}/{args.warmup} {name}: {total:.2f} s")
     for index in range(args.repeats):
         for name, model in models.items():
-            total, forward = step(name, model)
+            total, forward, cpu = step(name, model)
             step_s[name].append(total)
             forward_s[name].append(forward)
-            log(f"# step {index + 1}/{args.repeats} {name}: {total:.2f} s (forward {forward:.2f} s)")
+            cpu_s[name].append(cpu)
+            log(f"# step {index + 1}/{args.repeats} {name}: {total:.2f} s (forward {forward:.2f} s, "
+                f"CPU time {cpu:.2f} s)")
     # ru_maxrss is the true process peak so far (nothing has reset it yet).
     process_peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
@@ -272,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 process_peak_kib = max(process_peak_kib, peak)
 
     fp_median = statistics.median(step_s["fp"])
+    fp_cpu_median = statistics.median(cpu_s["fp"])
     rows = []
     for name in models:
         median = statistics.median(step_s[name])
@@ -283,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
                      "forward_s": forward_s[name], "step_median_s": median, "step_min_s": min(step_s[name]),
                      "step_max_s": max(step_s[name]), "forward_median_s": statistics.median(forward_s[name]),
                      "ratio_of_medians": median / fp_median, "median_paired_ratio": statistics.median(paired),
+                     "ratio_of_mins": min(step_s[name]) / min(step_s["fp"]),
+                     "cpu_s": cpu_s[name], "cpu_median_s": statistics.median(cpu_s[name]),
+                     "cpu_ratio_of_medians": statistics.median(cpu_s[name]) / fp_cpu_median,
                      "saved_for_backward_mib": memory[name]["saved_mib"],
                      "step_rss_growth_mib": memory[name]["rss_growth_mib"],
                      "target_ratio": target,
@@ -292,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats, "warmup": args.warmup, "loss": args.loss,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {"nproc": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
-                    "didbq": didbq.__version__, "threads": torch.get_num_threads(),
+                    "didbq": didbq.__version__, "commit": commit, "threads": torch.get_num_threads(),
                     "loadavg_1m_start": round(load_start, 2) if load_start is not None else None,
                     "loadavg_1m_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None},
         "wall_s": round(time.perf_counter() - started, 1),
@@ -308,12 +335,13 @@ def markdown(result: dict) -> str:
     lines = [f"Training step of `{result['model']}`, batch {result['batch']}, "
              f"{'x'.join(map(str, result['input_size']))}, loss {result['loss']}, {result['repeats']} timed steps "
              f"after {result['warmup']} warm-up, {m['threads']} threads, torch {m['torch']}, {m['cpu']} "
-             f"({m['nproc']} CPUs), {result['date']}; load average {m['loadavg_1m_start']} -> "
+             f"({m['nproc']} CPUs), didbq {m['commit']}, {result['date']}; load average {m['loadavg_1m_start']} -> "
              f"{m['loadavg_1m_end']}",
              "",
              "| model | step median (s) | min (s) | max (s) | forward median (s) | ratio vs FP "
-             "| median paired ratio | saved for backward (MiB) | RSS growth in step (MiB) | target |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+             "| median paired ratio | ratio of mins | CPU time median (s) | CPU-time ratio "
+             "| saved for backward (MiB) | RSS growth in step (MiB) | target |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for row in result["results"]:
         target = "" if row["target_ratio"] is None else (
             f"<= {row['target_ratio']:g}x: {'yes' if row['meets_target'] else 'no'}")
@@ -321,8 +349,13 @@ def markdown(result: dict) -> str:
         rss = "" if row["step_rss_growth_mib"] is None else f"{row['step_rss_growth_mib']:.0f}"
         lines.append(f"| {row['model']} | {row['step_median_s']:.2f} | {row['step_min_s']:.2f} | "
                      f"{row['step_max_s']:.2f} | {row['forward_median_s']:.2f} | {row['ratio_of_medians']:.2f}x | "
-                     f"{row['median_paired_ratio']:.2f}x | {saved} | {rss} | {target} |")
-    lines += ["", f"Process peak RSS (getrusage; all {len(result['results'])} models resident): "
+                     f"{row['median_paired_ratio']:.2f}x | {row['ratio_of_mins']:.2f}x | {row['cpu_median_s']:.2f} | "
+                     f"{row['cpu_ratio_of_medians']:.2f}x | {saved} | {rss} | {target} |")
+    lines += ["", "Ratios are over the full-precision row: ratio vs FP = median / FP median (the headline number), "
+                  "median paired ratio = median over repeats of step / FP step of the same repeat, ratio of mins = "
+                  "fastest step / fastest FP step, CPU-time ratio = median process CPU time (all threads) over "
+                  "FP's, which moves least when other processes compete for the cores.",
+              "", f"Process peak RSS (getrusage; all {len(result['results'])} models resident): "
                   f"{result['process_peak_rss_mib']:.0f} MiB. Saved for backward: bytes of the distinct non-parameter "
                   f"tensors autograd keeps for backward in one step; RSS growth: peak RSS during one extra step "
                   f"minus the RSS before it (after malloc_trim). Wall time {result['wall_s']} s."]
