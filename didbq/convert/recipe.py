@@ -223,6 +223,14 @@ class Recipe(Strict):
             seen.append(stage.name)
         return self
 
+    def effective(self) -> dict[str, Any]:
+        """The recipe as plain data with every default filled in and the attention preset resolved, so that
+        reading it back gives the same recipe (a plain model_dump would turn the preset's choices into the
+        didb defaults, which then override any other variant)."""
+        data = self.model_dump(mode="json")
+        data["attention"] = {"variant": self.attention.variant, **self.attention.resolve().model_dump(mode="json")}
+        return data
+
 
 def _line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
     """The 1-based line of the YAML node at `path` (or of its deepest existing ancestor)."""
