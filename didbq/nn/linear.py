@@ -32,6 +32,8 @@ class BinaryLinear(nn.Module):
 
     `weight` stays the latent full-precision weight (trained); the binary weight is derived in forward.
     `binarize_weights` / `input_binarizer.enabled` switch each half off for full-precision mode.
+    A layer loaded from a packed file holds its binary weight itself (`fix_binary_weight`): `weight` is then
+    signs * scale and forward uses it as it is (`weight_is_binary`).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_binarizer: str = "rsign",
@@ -45,6 +47,7 @@ class BinaryLinear(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
         self.input_binarizer: ActivationBinarizer = ACTIVATION_BINARIZERS[input_binarizer](in_features, surrogate)
         self.binarize_weights = True
+        self.weight_is_binary = False  # True once fix_binary_weight stored signs * scale in `weight`
         # A shortcut needs one width to divide the other (e.g. not eva's 192 -> 1024 SwiGLU); elsewhere it is off.
         self.shortcut = shortcut and not (in_features % out_features and out_features % in_features)
         self.norm = nn.LayerNorm(out_features) if norm == "layernorm" else nn.Identity()
@@ -60,8 +63,17 @@ class BinaryLinear(nn.Module):
                 layer.bias.copy_(linear.bias)
         return layer
 
+    def fix_binary_weight(self, weight: torch.Tensor) -> None:
+        """Make `weight`, an already binary weight (signs * per-row scale, e.g. unpacked from a packed file), the
+        weight forward uses as it is: no latent weight is kept and nothing is binarized again, so the output is
+        bit-identical to that of the latent model it came from."""
+        with torch.no_grad():
+            self.weight.copy_(weight)
+        self.binarize_weights = True
+        self.weight_is_binary = True
+
     def effective_weight(self) -> torch.Tensor:
-        if not self.binarize_weights:
+        if not self.binarize_weights or self.weight_is_binary:
             return self.weight
         signs, scale = binarize_weight(self.weight)
         return signs * scale
@@ -80,5 +92,5 @@ class BinaryLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, "
-                f"weights={'binary' if self.binarize_weights else 'fp'}, "
+                f"weights={'binary' if self.binarize_weights else 'fp'}{' (fixed)' if self.weight_is_binary else ''}, "
                 f"inputs={'binary' if self.inputs_binary else 'fp'}, shortcut={self.shortcut}")

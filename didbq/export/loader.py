@@ -1,0 +1,168 @@
+"""`didbq.load`: a packed file (or a run folder holding one) back into the model it was written from.
+
+The timm architecture is rebuilt from the metadata (name and arguments, no pretrained weights), the stored
+recipe converts it, every binary layer gets its unpacked signs times its scale as a fixed binary weight
+(BinaryLinear.fix_binary_weight), every other tensor is loaded as stored, the activation binarizers are set as
+they were, and the model is returned in eval mode. In fp32 on the CPU its outputs are bit-identical to those of
+the in-memory model that was written.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from didbq.convert.models import build_model
+from didbq.convert.recipe import Recipe, parse_recipe
+from didbq.convert.walker import Conversion, convert
+from didbq.errors import DidbqError
+from didbq.export.format import PACKED, SCALE, SHAPE, PackedFile, read_packed, verify_hash
+from didbq.export.packing import packed_columns, signs_as_values, unpack_signs
+from didbq.nn.binarizers import ActivationBinarizer
+from didbq.nn.linear import BinaryLinear
+
+MODEL_FILE = "model.safetensors"
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    conversion: Conversion
+    packed: PackedFile
+
+
+def resolve(path: Path | str) -> Path:
+    """A packed file, or the model.safetensors of a run folder."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if (path / MODEL_FILE).exists():
+        return path / MODEL_FILE
+    if (path / "run.json").exists():
+        older = " (it was written before didbq packed its models: re-run it)" if (
+            path / "student.safetensors").exists() else "; the run has not finished: resume it with --resume"
+        raise DidbqError(f"{path}: no {MODEL_FILE}{older}")
+    raise DidbqError(f"{path}: not a run folder (no {MODEL_FILE}); give a run folder or a packed .safetensors file")
+
+
+def stored_recipe(packed: PackedFile) -> Recipe:
+    return parse_recipe(json.dumps(packed.metadata["recipe"]), source=f"{packed.path} (metadata)")
+
+
+def rebuild(path: Path | str) -> Loaded:
+    """Read the file, rebuild and convert the architecture, load the weights (see the module docstring)."""
+    packed = read_packed(resolve(path))
+    metadata = packed.metadata
+    model = build_model(metadata["model_name"], pretrained=False, **metadata["model_args"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rules that match nothing were reported when the model was converted
+        conversion = convert(model, stored_recipe(packed))
+    apply_packed(model, packed)
+    return Loaded(model.eval(), conversion, packed)
+
+
+def load(path: Path | str) -> nn.Module:
+    """The model in a packed file or run folder, rebuilt, in eval mode, on the CPU (see the module docstring)."""
+    return rebuild(path).model
+
+
+def load_into(model: nn.Module, path: Path | str) -> nn.Module:
+    """Load a packed file into `model`, already converted with the file's recipe (binarize_model)."""
+    packed = read_packed(resolve(path))
+    architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    stored = packed.metadata["model_name"].split(".")[0]
+    if architecture is not None and architecture != stored:
+        raise DidbqError(f"{packed.path} was written for {stored}, not {architecture}; load it with "
+                         f"didbq.load(path), which rebuilds {stored}")
+    apply_packed(model, packed)
+    return model.eval()
+
+
+def _misfits(model: nn.Module, packed: PackedFile) -> list[str]:
+    """What in the file does not fit `model`: missing, unexpected and misshapen tensors."""
+    layers = {name for name, m in model.named_modules() if isinstance(m, BinaryLinear)}
+    stored = set(packed.binary_layers)
+    tensors = packed.tensors
+    expected: dict[str, tuple[int, ...] | None] = {}
+    for key, tensor in model.state_dict().items():
+        prefix = key[: -len(".weight")]
+        if key.endswith(".weight") and prefix in stored and prefix in layers:
+            rows, columns = tensor.shape
+            words = packed_columns(columns, 8 if tensors[f"{prefix}.{PACKED}"].element_size() == 1 else 32)
+            expected.update({f"{prefix}.{PACKED}": (rows, words), f"{prefix}.{SHAPE}": (2,),
+                             f"{prefix}.{SCALE}": (rows, 1)})
+            if tensors[f"{prefix}.{SHAPE}"].tolist() != [rows, columns]:
+                expected[f"{prefix}.{SHAPE}"] = None  # the stored shape is not the layer's
+        else:
+            expected[key] = tuple(tensor.shape)
+    problems = [f"{k} missing" for k in expected if k not in tensors]
+    problems += [f"{k} unexpected" for k in tensors if k not in expected]
+    problems += [f"{k} {tuple(tensors[k].shape) if shape else tensors[k].tolist()} vs {shape or 'the layer'}"
+                 for k, shape in expected.items() if k in tensors and tuple(tensors[k].shape) != shape]
+    return problems
+
+
+def apply_packed(model: nn.Module, packed: PackedFile) -> None:
+    """Load a read packed file into a converted model: fixed binary weights, the rest as stored."""
+    problems = _misfits(model, packed)
+    if problems:
+        raise DidbqError(f"{packed.path}: the file does not fit {packed.metadata['model_name']} "
+                         f"({'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}): it was written for "
+                         f"another model, another recipe or another timm version")
+    verify_hash(packed)
+    stored = set(packed.binary_layers)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, BinaryLinear)}
+    rest = {}
+    for key, tensor in packed.tensors.items():
+        if not key.endswith((PACKED, SHAPE, SCALE)) or key.rsplit(".", 1)[0] not in stored:
+            rest[key] = tensor
+    result = model.load_state_dict(rest, strict=False)
+    if result.unexpected_keys:  # cannot happen after _misfits; guards against a model that renames its state
+        raise DidbqError(f"{packed.path}: unexpected tensors {', '.join(result.unexpected_keys[:3])}")
+    for name, layer in layers.items():
+        if name in stored:
+            tensors = {part: packed.tensors[f"{name}.{part}"] for part in (PACKED, SHAPE, SCALE)}
+            columns = int(tensors[SHAPE][1])
+            signs = signs_as_values(unpack_signs(tensors[PACKED], columns), layer.weight.dtype)
+            layer.fix_binary_weight(signs * tensors[SCALE].to(layer.weight.dtype))
+        else:
+            layer.binarize_weights = False
+    activations = packed.metadata["binarization"].get("activations", True)
+    for name, module in model.named_modules():
+        if isinstance(module, ActivationBinarizer):
+            module.enabled = activations if isinstance(activations, bool) else name in activations
+
+
+EXPORT_FORMATS = ("packed", "float")
+_CARRIED = ("results", "metrics", "class_names", "data")  # run metadata a re-export keeps
+
+
+def export(source: Path | str, out: Path | str, *, format: str = "packed", fp_dtype: str = "float32",
+           word_bits: int = 8, force: bool = False) -> Path:
+    """Write the model in `source` (a packed file or run folder) to `out` again:
+    - packed: the packed format, e.g. with fp16 parts or 32 signs per int32 word (exact: the binary weights are
+      the same signs and scales);
+    - float: an unpacked safetensors state dict for inspection, each binary weight expanded to signs * scale
+      (`weight`); other tools can read it, but it is not a training checkpoint (the latent weights are not in
+      it) and didbq.load reads packed files only.
+    """
+    from didbq.export.format import write_float, write_packed
+
+    out = Path(out)
+    if format not in EXPORT_FORMATS:
+        raise DidbqError(f"unknown export format {format!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    if out.exists() and not force:
+        raise DidbqError(f"{out} exists; pass --force to overwrite it")
+    loaded = rebuild(source)
+    if out.resolve() == loaded.packed.path.resolve():
+        raise DidbqError(f"{out} is the file being exported; choose another --out")
+    metadata = loaded.packed.metadata
+    options = {"model_name": metadata["model_name"], "model_args": metadata["model_args"],
+               "recipe": loaded.conversion.recipe, "fp_dtype": fp_dtype,
+               "extra": {key: metadata[key] for key in _CARRIED if key in metadata}}
+    if format == "float":
+        return write_float(loaded.model, out, **options)
+    return write_packed(loaded.model, out, word_bits=word_bits, **options)
