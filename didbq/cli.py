@@ -178,6 +178,68 @@ def evaluate_run(run_folder: Path, data: str | None, as_json: bool) -> None:
 
 
 @cli.command()
+@click.argument("target", metavar="RUN_OR_MODEL")
+@click.option("--recipe", "-r", default=None,
+              help="With MODEL: recipe file or built-in name (default: didb). A run carries its own.")
+@click.option("--model-arg", "-m", multiple=True, metavar="KEY=VALUE",
+              help="With MODEL: timm.create_model argument on top of the recipe's model.args (repeatable).")
+@click.option("--fp16", is_flag=True, help="With MODEL: measure the file with its full-precision parts in fp16.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for scripts).")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, metavar="PNG",
+              help="Also write a chart of where the bits and the OPs go, per block.")
+@click.option("--strict/--no-strict", default=True, show_default=True,
+              help="With MODEL: fail on attention classes didbq does not know.")
+def report(target: str, recipe: str | None, model_arg: tuple[str, ...], fp16: bool, as_json: bool,
+           plot: Path | None, strict: bool) -> None:
+    """Size and cost report of a trained model (a run folder or a packed .safetensors file), measured from the
+    file, or of MODEL under --recipe before any training: per layer and in total, precision, parameters per bit
+    width, bytes, BOPs / FLOPs / OPs, what stays full precision and why, and the checks (file size against the
+    analytic size, FP FLOPs against torch.utils.flop_counter)."""
+    import didbq  # noqa: F401  (torchvision guard before timm)
+    from didbq.report import plot_report, report_for_file, report_for_model
+
+    path = Path(target)
+    if path.exists():
+        if recipe or model_arg or fp16:
+            raise click.UsageError("--recipe, --model-arg and --fp16 go with MODEL; a run or packed file carries "
+                                   "its own recipe and model arguments")
+        result = report_for_file(path)
+    elif path.suffix in (".safetensors", ".pt", ".pth", ".bin") or "/" in target:
+        raise DidbqError(f"{target}: no such file or run folder")
+    else:
+        result = report_for_model(target, recipe or "didb", _parse_model_args(model_arg),
+                                  fp_dtype="float16" if fp16 else "float32", strict=strict)
+    if plot is not None:
+        plot_report(result, plot)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    _print_report(result)
+    if plot is not None:
+        console.print(f"chart: {plot}")
+
+
+@cli.command()
+@click.argument("source", metavar="RUN_OR_FILE", type=click.Path(path_type=Path))
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="File to write.")
+@click.option("--format", "form", type=click.Choice(["packed", "float"]), default="packed", show_default=True,
+              help="packed: the packed format again (e.g. with --fp16 or --word-bits 32); float: an unpacked "
+                   "state dict with binary weights expanded to signs * scale, for inspection.")
+@click.option("--fp16", is_flag=True, help="Store the floating-point tensors (and scales) in fp16.")
+@click.option("--word-bits", type=click.Choice(["8", "32"]), default="8", show_default=True,
+              help="packed: 8 signs per uint8 or 32 per int32 word.")
+@click.option("--force", is_flag=True, help="Overwrite --out.")
+def export(source: Path, out: Path, form: str, fp16: bool, word_bits: str, force: bool) -> None:
+    """Write the model of a run folder or packed file in another form (see docs/format.md)."""
+    import didbq  # noqa: F401
+    from didbq.export.loader import export as export_model
+
+    written = export_model(source, out, format=form, fp_dtype="float16" if fp16 else "float32",
+                           word_bits=int(word_bits), force=force)
+    console.print(f"wrote {written} ({written.stat().st_size:,} bytes, {form})")
+
+
+@cli.command()
 def recipes() -> None:
     """List the built-in recipes, attention variants and supported model families."""
     from didbq.convert.adapters import supported_families
@@ -229,6 +291,63 @@ def _print_plan(result, layers: bool) -> None:  # noqa: ANN001 (didbq.convert.Pl
         attention.add_row(pattern, str(count), *values)
     console.print(attention)
 
+    console.print(_kept_table(result))
+
+    if layers:
+        console.print(_layers_table(result.layers))
+
+    console.print(_totals_table(result.totals))
+    for warning in result.warnings:
+        errors.print(f"[yellow]warning:[/] {warning}")
+
+
+def _layers_table(layers) -> Table:  # noqa: ANN001 (list of didbq.report.LayerCost)
+    """Per layer and attention product: precision, parameters per bit width, bytes, BOPs, FLOPs and OPs."""
+    costs = Table(title="Cost per layer (per image; bytes as packed, FP parts fp32)", title_justify="left")
+    numeric = ("1-bit params", "FP params", "bytes", "MACs", "BOPs", "FLOPs", "OPs")
+    for column in ("layer", "weights", "inputs", *numeric):
+        costs.add_column(column, justify="right" if column in numeric else "left")
+    for layer in layers:
+        costs.add_row(layer.name, layer.weights, layer.inputs, f"{layer.binary_parameters:,}",
+                      f"{layer.fp_parameters:,}", f"{layer.bytes:,}", f"{layer.macs:,}", f"{layer.bops:,}",
+                      f"{layer.flops:,}", f"{layer.ops:,.0f}")
+    return costs
+
+
+def _print_report(report) -> None:  # noqa: ANN001 (didbq.report.Report, imported lazily)
+    plan = report.plan
+    source = "analytic, before training" if report.source == "analytic" else report.source
+    console.print(f"[bold]{plan.model_name}[/] input {tuple(plan.input_size)}, recipe [bold]{plan.recipe.name}[/] "
+                  f"({source})")
+    console.print(_layers_table(plan.layers))
+    blocks = Table(title="Per block", title_justify="left")
+    numeric = ("1-bit params", "1-bit bytes", "FP bytes", "BOPs", "FLOPs", "OPs")
+    for column in ("block", *numeric):
+        blocks.add_column(column, justify="right" if column in numeric else "left")
+    for b in report.blocks:
+        blocks.add_row(b.name, f"{b.binary_parameters:,}", f"{b.binary_bytes:,}", f"{b.fp_bytes:,}", f"{b.bops:,}",
+                       f"{b.flops:,}", f"{b.ops:,.0f}")
+    console.print(blocks)
+    console.print(_kept_table(plan))
+    extra = []
+    if report.file is not None:
+        f = report.file
+        extra += [(f"file ({f.fp_dtype} parts): tensors measured", f"{f.payload_bytes:,} B vs {f.analytic_bytes:,} B "
+                   f"analytic ({f.gap:+.2%})"),
+                  ("file: header (tensor index, metadata)", f"{f.header_bytes:,} B"),
+                  ("file: total", f"{f.file_bytes / 1e6:,.3f} MB ({plan.totals.fp32_bytes / f.file_bytes:.1f}x "
+                                  f"smaller than fp32)")]
+    if report.flop_check is not None:
+        c = report.flop_check
+        extra.append(("FP MACs vs torch.utils.flop_counter", f"{c.report_macs:,} vs {c.torch_macs:,} "
+                                                               f"({c.gap:+.2%}{'' if c.ok else ', MISMATCH'})"))
+    extra += [(f"{stage} top-1 / top-5", f"{r['top1']:.2f}% / {r['top5']:.2f}%") for stage, r in report.results.items()
+              if isinstance(r, dict) and "top1" in r]
+    console.print(_totals_table(plan.totals, extra))
+
+
+def _kept_table(result) -> Table:  # noqa: ANN001 (didbq.convert.Plan)
+    """Every module that stays full precision, grouped by name pattern, and why."""
     kept = Table(title="Full precision", title_justify="left")
     for column in ("modules", "count", "type", "reason", "parameters"):
         kept.add_column(column)
@@ -240,36 +359,28 @@ def _print_plan(result, layers: bool) -> None:  # noqa: ANN001 (didbq.convert.Pl
         counts[key] += 1
     for (pattern, kind, reason), parameters in grouped.items():
         kept.add_row(pattern, str(counts[(pattern, kind, reason)]), kind, reason, f"{parameters:,}")
-    console.print(kept)
+    return kept
 
-    if layers:
-        costs = Table(title="Cost per layer (per image)", title_justify="left")
-        for column in ("layer", "weights", "inputs", "MACs", "BOPs", "FLOPs"):
-            costs.add_column(column, justify="right" if column in ("MACs", "BOPs", "FLOPs") else "left")
-        for layer in result.layers:
-            costs.add_row(layer.name, layer.weights, layer.inputs, f"{layer.macs:,}", f"{layer.bops:,}",
-                          f"{layer.flops:,}")
-        console.print(costs)
 
-    t = result.totals
+def _totals_table(t, extra: Iterable[tuple[str, str]] = ()) -> Table:  # noqa: ANN001 (didbq.report.Totals)
     summary = Table(title="Totals (per image; OPs = FLOPs + BOPs/64)", title_justify="left", show_header=False)
     summary.add_column(justify="left")
     summary.add_column(justify="right")
     for label, value in (
-            ("1-bit parameters", f"{t.binary_parameters:,}"),
+            ("1-bit parameters", f"{t.binary_parameters:,} ({t.binary_share:.1%} of all)"),
             ("full-precision parameters", f"{t.fp_parameters:,}"),
             ("packed size (analytic)", f"{t.packed_bytes / 1e6:,.2f} MB"),
-            ("fp32 model", f"{t.fp32_bytes / 1e6:,.2f} MB"),
-            ("compression", f"{t.compression:.1f}x"),
+            ("packed size, FP parts in fp16 (analytic)", f"{t.packed_bytes_fp16 / 1e6:,.2f} MB"),
+            ("fp32 model (full-precision equivalent)", f"{t.fp32_bytes / 1e6:,.2f} MB"),
+            ("compression", f"{t.compression:.1f}x ({t.compression_fp16:.1f}x with fp16 parts)"),
             ("BOPs", f"{t.bops:,}"),
             ("FLOPs", f"{t.flops:,}"),
             ("OPs", f"{t.ops:,.0f} ({t.ops:.3g})"),
             ("full-precision OPs", f"{t.fp_reference_flops:,} ({t.fp_reference_flops:.3g})"),
-            ("OPs reduction", f"{t.ops_reduction:.1f}x")):
+            ("OPs reduction", f"{t.ops_reduction:.1f}x"),
+            *extra):
         summary.add_row(label, value)
-    console.print(summary)
-    for warning in result.warnings:
-        errors.print(f"[yellow]warning:[/] {warning}")
+    return summary
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -94,3 +94,94 @@ def test_console_script_runs_as_a_module() -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("didbq: error: unknown timm model 'not_a_model_at_all'")
     assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------ report and export
+
+
+@pytest.fixture(scope="module")
+def packed_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A packed test_vit (didb recipe, untrained) with stage results in its metadata."""
+    import didbq
+    from didbq.export import write_packed
+
+    model = didbq.build_model("test_vit", num_classes=10)
+    conversion = didbq.convert.convert(model, "didb")
+    return write_packed(model.eval(), tmp_path_factory.mktemp("packed") / "model.safetensors",
+                        model_name="test_vit", model_args={"num_classes": 10}, recipe=conversion.recipe,
+                        extra={"results": {"s2": {"top1": 61.5, "top5": 95.25}}})
+
+
+def test_report_of_a_model_before_training(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["report", "test_vit", "--recipe", "xnor", "--json"], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert data["source"] == "analytic" and data["file"]["ok"] and data["flop_check"]["ok"]
+    assert data["totals"]["bops"] > 0 and data["blocks"][-1]["name"] == "head"
+
+
+def test_report_of_a_file_prints_tables_and_a_chart(packed_file: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["report", str(packed_file), "--plot", str(tmp_path / "r.png")], capsys)
+    assert code == 0
+    for text in ("Cost per layer", "blocks.0.attn.qkv", "Per block", "Full precision", "classifier head",
+                 "tensors measured", "(+0.00%)", "torch.utils.flop_counter", "s2 top-1 / top-5", "61.50%"):
+        assert text in out, text
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_of_a_run_folder_takes_no_recipe(packed_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["report", str(packed_file.parent), "--recipe", "xnor"], capsys)
+    assert code == 2 and "go with MODEL" in err
+
+
+@pytest.mark.parametrize("form, extra", [("float", []), ("packed", ["--fp16"]), ("packed", ["--word-bits", "32"])])
+def test_export(form: str, extra: list[str], packed_file: Path, tmp_path: Path,
+                capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+    from safetensors import safe_open
+
+    import didbq
+
+    out = tmp_path / "out.safetensors"
+    code, printed, err = run(["export", str(packed_file), "--format", form, "-o", str(out), *extra], capsys)
+    assert code == 0, err
+    assert f"wrote {out}" in printed
+    with safe_open(str(out), "pt") as handle:
+        keys, metadata = set(handle.keys()), handle.metadata()
+    assert json.loads(metadata["results"]) == {"s2": {"top1": 61.5, "top5": 95.25}}
+    if form == "float":
+        assert "blocks.0.attn.qkv.weight" in keys and not any(k.endswith("weight_packed") for k in keys)
+        weight = safe_open(str(out), "pt").get_tensor("blocks.0.attn.qkv.weight")
+        scale = weight.abs().amax(1, keepdim=True)
+        assert torch.equal(weight.abs(), scale.expand_as(weight))  # each row is +-scale
+        return
+    original, exported = didbq.load(packed_file), didbq.load(out)
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        if "--word-bits" in extra:
+            assert torch.equal(original(x), exported(x))
+        else:
+            assert out.stat().st_size < packed_file.stat().st_size
+    code, _, err = run(["export", str(packed_file), "-o", str(out)], capsys)
+    assert code == 2 and "--force" in err
+
+
+@pytest.mark.parametrize("case", ["truncated", "corrupted header", "tensor missing", "not safetensors", "pickle",
+                                  "raw pickle", "older version"])
+def test_report_and_export_refuse_bad_files_with_one_line_and_exit_code_2(
+        case: str, packed_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from badfiles import BAD_FILES, bad_file
+
+    path = bad_file(case, packed_file, tmp_path)
+    for args in (["report", str(path)], ["export", str(path), "-o", str(tmp_path / "x.safetensors")]):
+        code, out, err = run(args, capsys)
+        assert code == 2, err
+        assert BAD_FILES[case] in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert out == ""
+    assert not (tmp_path / "UNPICKLED").exists() and not (tmp_path / "x.safetensors").exists()
+
+
+def test_report_of_a_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["report", "runs/no-such-run"], capsys)
+    assert code == 2 and "no such file or run folder" in err

@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from didbq.convert.recipe import Recipe
-from didbq.convert.walker import AttentionSwap, KeptModule, Swap, convert
+from didbq.convert.walker import AttentionSwap, Conversion, KeptModule, Swap, convert
 from didbq.report import LayerCost, Totals, measure_costs, state_bytes, totals
 
 
@@ -26,7 +26,7 @@ class Plan:
 
     def as_dict(self) -> dict[str, Any]:
         """Everything in the plan as plain JSON-ready data (what `didbq plan --json` prints)."""
-        layers = [{**asdict(layer), "bops": layer.bops, "flops": layer.flops} for layer in self.layers]
+        layers = [layer.as_dict() for layer in self.layers]
         return {
             "model": self.model_name or type(self.model).__name__,
             "input_size": list(self.input_size),
@@ -45,6 +45,12 @@ def plan(model: nn.Module, recipe: Recipe | str, *, strict: bool = True, strict_
     """Binarize `model` in place (as binarize_model does) and account for every decision and its cost."""
     fp32_bytes = state_bytes(model)
     conversion = convert(model, recipe, strict=strict, strict_rules=strict_rules)
+    return account(model, conversion, fp32_bytes, model_name)
+
+
+def account(model: nn.Module, conversion: Conversion, fp32_bytes: int, model_name: str | None = None) -> Plan:
+    """The plan of a model already converted (e.g. rebuilt by didbq.load): one forward pass measures its costs
+    as its binarization stands now; `fp32_bytes` is the unconverted model's state size."""
     layers = measure_costs(model, conversion.example_input)
     return Plan(model=model, recipe=conversion.recipe, swaps=conversion.swaps, attention=conversion.attention,
                 kept=conversion.kept, layers=layers, totals=totals(model, layers, fp32_bytes),
