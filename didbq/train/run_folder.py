@@ -7,12 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from didbq.convert.models import build_model
 from didbq.convert.recipe import Recipe, load_recipe
-from didbq.convert.walker import convert
 from didbq.errors import DidbqError
-from didbq.nn import set_binarization
-from didbq.train.checkpoint import load_weights
 
 
 def read_run(folder: Path) -> tuple[dict[str, Any], Recipe]:
@@ -24,14 +20,8 @@ def read_run(folder: Path) -> tuple[dict[str, Any], Recipe]:
 
 
 def load_student(folder: Path) -> nn.Module:
-    """The trained binary student of a run, in eval mode, binarized as in the recipe's last stage."""
-    run, recipe = read_run(folder)
-    weights = folder / "student.safetensors"
-    if not weights.exists():
-        raise DidbqError(f"{folder}: the run has not finished (no student.safetensors); resume it with --resume")
-    model = build_model(run["model_name"], pretrained=False, **run["model_args"])
-    convert(model, recipe)
-    load_weights(weights, model)
-    last = recipe.stages[-1]
-    set_binarization(model, weights=last.weights == "binary", activations=last.activations == "binary")
-    return model.eval()
+    """The trained binary student of a run, in eval mode, as its packed model.safetensors holds it (binarized as
+    in the recipe's last stage; bit-identical to the model the run ended with)."""
+    from didbq.export.loader import load
+
+    return load(folder)

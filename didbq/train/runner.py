@@ -214,10 +214,35 @@ class Run:
             student = self._student(teacher)
             student.load_state_dict(state.checkpoint["model"])
         if self.context.is_main:
-            save_weights(self.out / "student.safetensors", student)
+            last = self.recipe.stages[-1]
+            set_binarization(student, weights=last.weights == "binary", activations=last.activations == "binary")
+            self._export(student.eval(), state.results)
             write_json(self.out / "results.json", state.results)
             self._plot()
         return state.results
+
+    def _export(self, student: nn.Module, results: dict[str, Any]) -> None:
+        """model.safetensors (packed: what didbq.load reads) and report.json (measured from that file). The
+        latent weights of the last stage stay in stages/<stage>.safetensors for further training."""
+        from didbq.export.format import write_packed
+        from didbq.export.loader import MODEL_FILE
+        from didbq.report import report_for_file
+
+        run = json.loads((self.out / "run.json").read_text())
+        extra = {"results": results, "metrics": self._final_metrics(), "class_names": run["class_names"],
+                 "data": run["data"]}
+        path = write_packed(student, self.out / MODEL_FILE, model_name=run["model_name"],
+                            model_args=run["model_args"], recipe=self.recipe, extra=extra)
+        write_json(self.out / "report.json", report_for_file(path).as_dict())
+
+    def _final_metrics(self) -> dict[str, dict[str, Any]]:
+        """The last logged training record of every phase (step, loss and its parts, lr)."""
+        final: dict[str, dict[str, Any]] = {}
+        lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
+        for record in map(json.loads, lines):
+            if "loss" in record:
+                final[record["phase"]] = {k: v for k, v in record.items() if k not in ("phase", "images_per_s")}
+        return final
 
     def _start_weights(self, phase: Phase, phases: list[Phase], student: nn.Module) -> None:
         """A stage starts from its init_from stage, else from where the previous stage ended (read back from
@@ -250,7 +275,7 @@ class Run:
         return self.out / "stages" / f"{name}.safetensors"
 
     def _write_run_files(self, data: ImageData) -> None:
-        recipe = self.recipe.model_dump(mode="json")
+        recipe = self.recipe.effective()  # reads back as the same recipe (attention preset resolved)
         write_text(self.out / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
         write_json(self.out / "run.json", {
             "model_name": self.config.model_name,

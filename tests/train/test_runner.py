@@ -70,7 +70,7 @@ def reference(recipe_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 def test_a_run_writes_its_folder_and_the_loss_falls(reference: Path) -> None:
     for name in ("recipe.yaml", "run.json", "metrics.jsonl", "curves.png", "teacher.safetensors",
-                 "stages/s1.safetensors", "stages/s2.safetensors", "student.safetensors", "results.json"):
+                 "stages/s1.safetensors", "stages/s2.safetensors", "model.safetensors", "report.json", "results.json"):
         assert (reference / name).exists(), name
     assert not list(reference.rglob("*.tmp")), "a temporary file was left behind"
     assert didbq.load_recipe(reference / "recipe.yaml").name == "tiny"
@@ -88,6 +88,31 @@ def test_eval_reproduces_the_final_accuracy(reference: Path, capsys: pytest.Capt
     assert evaluated["top1"] == json.loads((reference / "results.json").read_text())["s2"]["top1"]
 
 
+def test_the_packed_model_is_the_trained_student(reference: Path) -> None:
+    """didbq.load(run) gives bit-identical logits, on real test images, to the student as training left it (its
+    latent weights in stages/s2.safetensors, binarized in forward), and report.json measured the file."""
+    from didbq.convert.walker import convert
+    from didbq.nn import set_binarization
+    from didbq.train.checkpoint import load_weights
+    from didbq.train.data import TransformedImages, load_image_data, transform_spec_for
+
+    run = json.loads((reference / "run.json").read_text())
+    latent = didbq.build_model(run["model_name"], **run["model_args"])
+    convert(latent, didbq.load_recipe(reference / "recipe.yaml"))
+    load_weights(reference / "stages" / "s2.safetensors", latent)
+    set_binarization(latent, weights=True, activations=True)
+    packed = didbq.load(reference)
+    data = load_image_data("fashion-mnist", test_limit=64)
+    test = TransformedImages(data.test, data, transform_spec_for(latent, augment="none"), train=False)
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    with torch.no_grad():
+        assert torch.equal(packed(images), latent.eval()(images))
+    report = json.loads((reference / "report.json").read_text())
+    assert report["file"]["ok"] and report["flop_check"]["ok"] and set(report["results"]) == {"teacher", "s1", "s2"}
+    assert report["file"]["file_bytes"] == (reference / "model.safetensors").stat().st_size
+    assert report["totals"]["packed_bytes"] < report["totals"]["fp32_bytes"] / 3  # dim 32: mostly FP parts
+
+
 def test_a_killed_run_resumes_to_bit_identical_weights(recipe_file: Path, reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "killed"
     process = subprocess.Popen(_command(recipe_file, out), env=ENV, stdout=subprocess.DEVNULL,
@@ -100,15 +125,16 @@ def test_a_killed_run_resumes_to_bit_identical_weights(recipe_file: Path, refere
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (out / "student.safetensors").exists(), "the run finished before it was killed"
+    assert not (out / "model.safetensors").exists(), "the run finished before it was killed"
     checkpoint = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert checkpoint["phase"] == 2 and 0 < checkpoint["step"] < 8, "the kill did not land inside stage 2"
     subprocess.run([sys.executable, "-m", "didbq", "binarize", "--resume", str(out), "--no-progress"], check=True,
                    env=ENV, capture_output=True, timeout=600)
-    expected, actual = load_file(str(reference / "student.safetensors")), load_file(str(out / "student.safetensors"))
-    assert expected.keys() == actual.keys()
-    different = [k for k in expected if not torch.equal(expected[k], actual[k])]
-    assert not different, different
+    for name in ("stages/s2.safetensors", "model.safetensors"):  # latent weights, and the packed model
+        expected, actual = load_file(str(reference / name)), load_file(str(out / name))
+        assert expected.keys() == actual.keys()
+        different = [k for k in expected if not torch.equal(expected[k], actual[k])]
+        assert not different, (name, different)
     assert [m["loss"] for m in _metrics(out) if "loss" in m] == [m["loss"] for m in _metrics(reference) if "loss" in m]
 
 
