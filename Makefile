@@ -31,6 +31,7 @@ demo: install data
 	$(BIN)/didbq plan vit_tiny_patch16_224 --recipe recipes/quick.yaml -m num_classes=10
 	$(BIN)/didbq binarize vit_tiny_patch16_224 --recipe recipes/quick.yaml --data fashion-mnist --out runs/quick --force
 	$(BIN)/didbq eval runs/quick
+	$(BIN)/didbq report runs/quick --plot runs/quick/report.png
 
 plan-demo: install
 	$(BIN)/didbq plan deit_small_patch16_224 --recipe recipes/didb.yaml
