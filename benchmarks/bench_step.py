@@ -251,12 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     step_s = {name: [] for name in models}
     forward_s = {name: [] for name in models}
     cpu_s = {name: [] for name in models}
+    sys_s = {name: [] for name in models}
+    faults = {name: [] for name in models}
 
     def loss_of(model: torch.nn.Module) -> torch.Tensor:
         logits = model(images)
         return F.cross_entropy(logits, labels) if args.loss == "ce" else logits.mean()
 
     def step(name: str, model: torch.nn.Module) -> tuple[float, float, float]:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         cpu_start = time.process_time()
         start = time.perf_counter()
         model.zero_grad(set_to_none=True)
@@ -265,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         done = time.perf_counter()
         cpu = time.process_time() - cpu_start
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        step.last = (after.ru_stime - usage.ru_stime, after.ru_minflt - usage.ru_minflt)
         if not torch.isfinite(loss):
             raise SystemExit(f"{name}: non-finite loss")
         return done - start, forwarded - start, cpu
@@ -279,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             step_s[name].append(total)
             forward_s[name].append(forward)
             cpu_s[name].append(cpu)
+            sys_s[name].append(step.last[0])
+            faults[name].append(step.last[1])
             log(f"# step {index + 1}/{args.repeats} {name}: {total:.2f} s (forward {forward:.2f} s, "
                 f"CPU time {cpu:.2f} s)")
     # ru_maxrss is the true process peak so far (nothing has reset it yet).
@@ -310,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                      "ratio_of_mins": min(step_s[name]) / min(step_s["fp"]),
                      "cpu_s": cpu_s[name], "cpu_median_s": statistics.median(cpu_s[name]),
                      "cpu_ratio_of_medians": statistics.median(cpu_s[name]) / fp_cpu_median,
+                     "sys_s": sys_s[name], "sys_median_s": statistics.median(sys_s[name]),
+                     "minor_faults": faults[name], "minor_faults_median": statistics.median(faults[name]),
                      "saved_for_backward_mib": memory[name]["saved_mib"],
                      "step_rss_growth_mib": memory[name]["rss_growth_mib"],
                      "target_ratio": target,
@@ -320,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {"nproc": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
                     "didbq": didbq.__version__, "commit": commit, "threads": torch.get_num_threads(),
+                    "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
                     "loadavg_1m_start": round(load_start, 2) if load_start is not None else None,
                     "loadavg_1m_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None},
         "wall_s": round(time.perf_counter() - started, 1),
@@ -336,12 +346,14 @@ def markdown(result: dict) -> str:
              f"{'x'.join(map(str, result['input_size']))}, loss {result['loss']}, {result['repeats']} timed steps "
              f"after {result['warmup']} warm-up, {m['threads']} threads, torch {m['torch']}, {m['cpu']} "
              f"({m['nproc']} CPUs), didbq {m['commit']}, {result['date']}; load average {m['loadavg_1m_start']} -> "
-             f"{m['loadavg_1m_end']}",
+             f"{m['loadavg_1m_end']}" + (f"; {' '.join(f'{k}={v}' for k, v in m['malloc_env'].items())}"
+                                            if m.get("malloc_env") else ""),
              "",
              "| model | step median (s) | min (s) | max (s) | forward median (s) | ratio vs FP "
              "| median paired ratio | ratio of mins | CPU time median (s) | CPU-time ratio "
-             "| saved for backward (MiB) | RSS growth in step (MiB) | target |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+             "| system time median (s) | page faults median | saved for backward (MiB) | RSS growth in step (MiB) "
+             "| target |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for row in result["results"]:
         target = "" if row["target_ratio"] is None else (
             f"<= {row['target_ratio']:g}x: {'yes' if row['meets_target'] else 'no'}")
@@ -350,11 +362,13 @@ def markdown(result: dict) -> str:
         lines.append(f"| {row['model']} | {row['step_median_s']:.2f} | {row['step_min_s']:.2f} | "
                      f"{row['step_max_s']:.2f} | {row['forward_median_s']:.2f} | {row['ratio_of_medians']:.2f}x | "
                      f"{row['median_paired_ratio']:.2f}x | {row['ratio_of_mins']:.2f}x | {row['cpu_median_s']:.2f} | "
-                     f"{row['cpu_ratio_of_medians']:.2f}x | {saved} | {rss} | {target} |")
+                     f"{row['cpu_ratio_of_medians']:.2f}x | {row['sys_median_s']:.2f} | "
+                     f"{row['minor_faults_median']:,.0f} | {saved} | {rss} | {target} |")
     lines += ["", "Ratios are over the full-precision row: ratio vs FP = median / FP median (the headline number), "
                   "median paired ratio = median over repeats of step / FP step of the same repeat, ratio of mins = "
                   "fastest step / fastest FP step, CPU-time ratio = median process CPU time (all threads) over "
-                  "FP's, which moves least when other processes compete for the cores.",
+                  "FP's. System time and (minor) page faults per step show the cost of the allocator handing freed memory back "
+                  "to the OS and faulting it in again.",
               "", f"Process peak RSS (getrusage; all {len(result['results'])} models resident): "
                   f"{result['process_peak_rss_mib']:.0f} MiB. Saved for backward: bytes of the distinct non-parameter "
                   f"tensors autograd keeps for backward in one step; RSS growth: peak RSS during one extra step "

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from didbq.nn.binarizers import ACTIVATION_BINARIZERS, ActivationBinarizer, round_ste
-from didbq.nn.haar import TokenLayout, local_difference, split_tokens_into_bands
+from didbq.nn.binarizers import ACTIVATION_BINARIZERS, ActivationBinarizer
+from didbq.nn.haar import TokenLayout, local_difference, low_band_of_tokens, split_tokens_into_bands
 from didbq.nn.linear import BinaryLinear
 from didbq.registry import Registry
 
@@ -59,6 +59,39 @@ class AttentionOptions(BaseModel):
 _OFF_FIELDS = {"shortcut", "local", "hfsc"}
 
 
+class _ElasticUnsigned(torch.autograd.Function):
+    """BiT's a * round(clip(A / a, 0, 1)) with straight-through rounding, as one autograd node.
+
+    With `ensure_one_key`, each row's maximum is forced to a when rounding dropped it; a forced entry is a
+    constant (no gradient to A, gradient 1 to a). Composed from torch ops this chain keeps a dozen [N, N]
+    temporaries and runs torch.where in backward; here it keeps the ratio A / a and the two masks.
+    """
+
+    @staticmethod
+    def forward(ctx, probs: torch.Tensor, scale: torch.Tensor, ensure_one_key: bool) -> torch.Tensor:  # noqa: ANN001
+        ratio = probs / scale
+        ones = ratio.clamp(0.0, 1.0).round_()
+        forced = None
+        if ensure_one_key:
+            forced = (probs == probs.amax(-1, keepdim=True)).logical_and_(ones == 0)
+            ones.add_(forced)
+        ctx.save_for_backward(ratio, ones, forced)
+        ctx.scale_shape = scale.shape
+        return ones * scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # noqa: ANN001
+        ratio, ones, forced = ctx.saved_tensors
+        passes = ratio <= 1.0  # clip's gradient (A >= 0 always); forced entries lie inside, so xor removes them
+        if forced is not None:
+            passes.logical_xor_(forced)
+        grad_probs = grad * passes.to(grad.dtype)
+        # d(a * round(A / a))/da with straight-through rounding: round(.) - A / a inside the clip, 1 or 0 outside
+        grad_scale = ((grad * ones).sum_to_size(ctx.scale_shape)
+                      - (grad_probs * ratio).sum_to_size(ctx.scale_shape))
+        return grad_probs, grad_scale, None
+
+
 class ProbabilityBinarizer(ActivationBinarizer):
     """Turns softmax rows into {0, a} with a learnable per-head scale a, initialised from the first batch."""
 
@@ -99,10 +132,9 @@ class ProbabilityBinarizer(ActivationBinarizer):
                 self._initialise(probs)
         scale = self.scale.abs().clamp_min(1e-6)
         if self.kind == "bit":
-            ones = round_ste((probs / scale).clamp(0.0, 1.0))
-        else:
-            mask = self._mask(probs).to(probs.dtype)
-            ones = probs + (mask - probs).detach()
+            return _ElasticUnsigned.apply(probs, scale, self.ensure_one_key)
+        mask = self._mask(probs).to(probs.dtype)
+        ones = probs + (mask - probs).detach()
         if self.ensure_one_key:
             row_max = (probs == probs.amax(-1, keepdim=True)).to(probs.dtype)
             ones = torch.maximum(ones, row_max)
@@ -191,33 +223,46 @@ class BinaryAttention(nn.Module):
         self._attn_input = x
 
     def _bands(self, q: torch.Tensor, k: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """The Haar bands of q and k (low first); with the separate projection the detail bands of q and k come
+        from the projected detail bands of the attention input, so only their low band is computed."""
         opts = self.options
         if self.hfsc == "off" or q.shape[-2] != k.shape[-2]:
-            return None
-        q_bands = split_tokens_into_bands(q, self.layout, opts.hfsc_bands, opts.prefix_tokens)
-        k_bands = split_tokens_into_bands(k, self.layout, opts.hfsc_bands, opts.prefix_tokens)
-        if q_bands is None or k_bands is None:
             return None
         x = self._attn_input
         if self.high_projection is not None and x is not None and x.shape[:-1] == (q.shape[0], q.shape[-2]):
             x_bands = split_tokens_into_bands(x, self.layout, opts.hfsc_bands, opts.prefix_tokens)
-            for index, projection in enumerate(self.high_projection, start=1):
-                qk = projection(x_bands[index]).reshape(x.shape[0], x.shape[1], 2, self.heads, self.head_dim)
-                q_bands[index], k_bands[index] = qk.permute(2, 0, 3, 1, 4).unbind(0)
-        return q_bands, k_bands
+            q_low = low_band_of_tokens(q, self.layout, opts.prefix_tokens)
+            k_low = low_band_of_tokens(k, self.layout, opts.prefix_tokens)
+            if x_bands is None or q_low is None or k_low is None:
+                return None
+            q_bands, k_bands = [q_low], [k_low]
+            for projection, x_band in zip(self.high_projection, x_bands[1:]):
+                qk = projection(x_band).reshape(x.shape[0], x.shape[1], 2, self.heads, self.head_dim)
+                q_high, k_high = qk.permute(2, 0, 3, 1, 4).unbind(0)
+                q_bands.append(q_high)
+                k_bands.append(k_high)
+            return q_bands, k_bands
+        q_bands = split_tokens_into_bands(q, self.layout, opts.hfsc_bands, opts.prefix_tokens)
+        k_bands = split_tokens_into_bands(k, self.layout, opts.hfsc_bands, opts.prefix_tokens)
+        return None if q_bands is None or k_bands is None else (q_bands, k_bands)
 
     def scores(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-        """Binary Q·Kᵀ * scale; with HFSC the weighted sum of the per-band binary similarities."""
-        self.last_call = {"batch": q.shape[:-3].numel(), "query_dims": q.dim(), "heads": q.shape[-3], "queries": q.shape[-2], "keys": k.shape[-2],
-                          "head_dim": q.shape[-1], "value_dim": k.shape[-1]}
+        """Binary Q·Kᵀ * scale; with HFSC the weighted sum of the per-band binary similarities.
+
+        The scale and band weights multiply the binary queries ([N, D]) rather than the products ([N, N]), and
+        the bands are concatenated along the head dimension so that one batched product sums them.
+        """
+        self.last_call = {"batch": q.shape[:-3].numel(), "query_dims": q.dim(), "heads": q.shape[-3],
+                          "queries": q.shape[-2], "keys": k.shape[-2], "head_dim": q.shape[-1],
+                          "value_dim": k.shape[-1]}
         bands = self._bands(q, k)
         if bands is None:
-            return self.q_binarizers[0](q) @ self.k_binarizers[0](k).transpose(-2, -1) * scale
-        total = 0
-        for index, (q_band, k_band) in enumerate(zip(*bands)):
-            product = self.q_binarizers[index](q_band) @ self.k_binarizers[index](k_band).transpose(-2, -1)
-            total = total + self.band_weights[index] * product
-        return total * scale
+            return (self.q_binarizers[0](q) * scale) @ self.k_binarizers[0](k).transpose(-2, -1)
+        q_bands, k_bands = bands
+        queries = torch.cat([binarizer(band) * (weight * scale) for binarizer, band, weight
+                             in zip(self.q_binarizers, q_bands, self.band_weights)], dim=-1)
+        keys = torch.cat([binarizer(band) for binarizer, band in zip(self.k_binarizers, k_bands)], dim=-1)
+        return queries @ keys.transpose(-2, -1)
 
     def probabilities(self, scores: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
         """softmax, then the probability binarizer (adapters that mix heads in between call the two apart)."""

@@ -49,21 +49,34 @@ def from_grid(prefix: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     return torch.cat([prefix, cells], dim=-2)
 
 
+def haar_low(image: torch.Tensor) -> torch.Tensor:
+    """The undecimated Haar low band of [B, C, H, W]: the 2x2 average of each cell with its right and lower
+    neighbours (edges replicated), same size as the input."""
+    return F.avg_pool2d(F.pad(image, (0, 1, 0, 1), mode="replicate"), 2, stride=1)
+
+
 def haar_bands(image: torch.Tensor, bands: Literal["one", "three"] = "one") -> list[torch.Tensor]:
     """Undecimated (stride 1, same size) Haar split of [B, C, H, W]; the returned bands sum to the input.
 
-    The low band is the 2x2 average of each cell with its right and lower neighbours (edges replicated).
     "one": [low, high = x - low]. "three": [low, LH, HL, HH], the horizontal, vertical and diagonal details.
     """
+    low = haar_low(image)
+    if bands == "one":
+        return [low, image - low]
     padded = F.pad(image, (0, 1, 0, 1), mode="replicate")
     a, b = padded[..., :-1, :-1], padded[..., :-1, 1:]
     c, d = padded[..., 1:, :-1], padded[..., 1:, 1:]
-    low = (a + b + c + d) / 4
-    if bands == "one":
-        return [low, image - low]
     horizontal = (a - b + c - d) / 4
     vertical = (a + b - c - d) / 4
     return [low, horizontal, vertical, image - low - horizontal - vertical]
+
+
+def _prefix_low(x: torch.Tensor, prefix: torch.Tensor, num_prefix: int,
+                prefix_mode: Literal["global", "zero"]) -> torch.Tensor:
+    """Prefix tokens have no neighbours: their low band is the grid mean ("global") or themselves ("zero")."""
+    if prefix_mode == "global" and prefix.shape[-2] > 0:
+        return x[..., num_prefix:, :].mean(dim=-2, keepdim=True).expand_as(prefix)
+    return prefix
 
 
 def split_tokens_into_bands(x: torch.Tensor, layout: TokenLayout, bands: Literal["one", "three"] = "one",
@@ -79,15 +92,20 @@ def split_tokens_into_bands(x: torch.Tensor, layout: TokenLayout, bands: Literal
         return None
     prefix, image = to_grid(x, layout.num_prefix, grid)
     band_images = haar_bands(image, bands)
-    if prefix_mode == "global" and prefix.shape[-2] > 0:
-        grid_mean = x[..., layout.num_prefix:, :].mean(dim=-2, keepdim=True)
-        prefix_low = grid_mean.expand_as(prefix)
-    else:
-        prefix_low = prefix
+    prefix_low = _prefix_low(x, prefix, layout.num_prefix, prefix_mode)
     zeros = torch.zeros_like(prefix)
     prefix_bands = [prefix_low] + [zeros] * (len(band_images) - 2) + [prefix - prefix_low]
-    result = [from_grid(p, image_band) for p, image_band in zip(prefix_bands, band_images)]
-    return result
+    return [from_grid(p, image_band) for p, image_band in zip(prefix_bands, band_images)]
+
+
+def low_band_of_tokens(x: torch.Tensor, layout: TokenLayout,
+                       prefix_mode: Literal["global", "zero"] = "global") -> torch.Tensor | None:
+    """The first band of split_tokens_into_bands alone (HFSC with a separate high projection needs no more)."""
+    grid = layout.grid_for(x.shape[-2])
+    if grid is None:
+        return None
+    prefix, image = to_grid(x, layout.num_prefix, grid)
+    return from_grid(_prefix_low(x, prefix, layout.num_prefix, prefix_mode), haar_low(image))
 
 
 def local_difference(v: torch.Tensor, layout: TokenLayout,

@@ -15,16 +15,21 @@ from torch import nn
 from didbq.nn.binarizers import ACTIVATION_BINARIZERS, ActivationBinarizer, binarize_weight
 
 
-def match_width(x: torch.Tensor, width: int) -> torch.Tensor | None:
-    """x resized along the last dimension to `width` by repetition or group averaging; None if not divisible."""
-    channels = x.shape[-1]
+def widths_match(in_features: int, out_features: int) -> bool:
+    """Whether the shortcut can resize the input: one width divides the other."""
+    return in_features % out_features == 0 or out_features % in_features == 0
+
+
+def add_shortcut(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y + x with x resized along the last dimension to y's width: repeated (tiled) when y is wider, averaged over
+    the groups of channels j, j + width, ... when y is narrower. Broadcasting instead of repeating x avoids a
+    full-size copy in forward and backward."""
+    width, channels = y.shape[-1], x.shape[-1]
     if channels == width:
-        return x
-    if width % channels == 0:
-        return x.repeat(*([1] * (x.dim() - 1)), width // channels)
-    if channels % width == 0:
-        return x.reshape(*x.shape[:-1], channels // width, width).mean(dim=-2)
-    return None
+        return y + x
+    if width > channels:
+        return (y.unflatten(-1, (width // channels, channels)) + x.unsqueeze(-2)).flatten(-2)
+    return y + x.unflatten(-1, (channels // width, width)).mean(dim=-2)
 
 
 class BinaryLinear(nn.Module):
@@ -49,7 +54,7 @@ class BinaryLinear(nn.Module):
         self.binarize_weights = True
         self.weight_is_binary = False  # True once fix_binary_weight stored signs * scale in `weight`
         # A shortcut needs one width to divide the other (e.g. not eva's 192 -> 1024 SwiGLU); elsewhere it is off.
-        self.shortcut = shortcut and not (in_features % out_features and out_features % in_features)
+        self.shortcut = shortcut and widths_match(in_features, out_features)
         self.norm = nn.LayerNorm(out_features) if norm == "layernorm" else nn.Identity()
         self.act = act if act is not None else nn.Identity()
 
@@ -84,11 +89,8 @@ class BinaryLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(self.input_binarizer(x), self.effective_weight(), self.bias)
-        if self.shortcut:
-            y = self.norm(y) + match_width(x, self.out_features)
-        else:
-            y = self.norm(y)
-        return self.act(y)
+        y = self.norm(y)
+        return self.act(add_shortcut(y, x) if self.shortcut else y)
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, "

@@ -6,6 +6,25 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class _ChannelPReLU(torch.autograd.Function):
+    """PReLU with one slope per channel (last dimension). torch.prelu's backward materialises a full-size slope
+    gradient before reducing it; this one reduces `grad * min(x, 0)` directly, about 3x faster on CPU (it runs
+    after every MLP's fc1 in every step)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 (autograd protocol)
+        ctx.save_for_backward(x, slope)
+        return torch.prelu(x.reshape(-1, x.shape[-1]), slope).reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        x, slope = ctx.saved_tensors
+        # lerp by the 0/1 mask: torch.where is several times slower than this on CPU
+        grad_x = torch.lerp(grad, grad * slope, (x < 0).to(grad.dtype))
+        grad_slope = (grad * x.clamp_max(0)).reshape(-1, x.shape[-1]).sum(0)
+        return grad_x, grad_slope
+
+
 class RPReLU(nn.Module):
     """f(x) = PReLU_b(x - g) + z with per-channel shift g, slope b and shift z (channels last)."""
 
@@ -16,10 +35,13 @@ class RPReLU(nn.Module):
         self.shift_out = nn.Parameter(torch.zeros(channels))
 
     def _prelu(self, x: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+        if slope.dim() == 1:
+            return _ChannelPReLU.apply(x, slope)
         return torch.where(x >= 0, x, x * slope)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._prelu(x - self.shift_in, self.slope) + self.shift_out
+        # Adding the negated (small) shift: autograd would negate the full-size gradient of `x - shift`.
+        return self._prelu(x + (-self.shift_in), self.slope) + self.shift_out
 
 
 class TokenRPReLU(RPReLU):
@@ -55,5 +77,8 @@ class TokenRPReLU(RPReLU):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = tuple(x.shape[1:-1])
         slope = self.slope if self.token_slope is None else self.slope * self._fit(self.token_slope, shape)
-        shifted = x - self.shift_in - self._fit(self.token_shift_in, shape)
-        return self._prelu(shifted, slope) + self.shift_out + self._fit(self.token_shift_out, shape)
+        # The per-channel and per-token shifts are summed at their own [tokens, C] size first, so the full-size
+        # activation sees one addition before and one after the PReLU (this runs after every MLP's fc1).
+        shift_in = -(self.shift_in + self._fit(self.token_shift_in, shape))
+        shift_out = self.shift_out + self._fit(self.token_shift_out, shape)
+        return self._prelu(x + shift_in, slope) + shift_out

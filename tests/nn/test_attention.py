@@ -206,6 +206,33 @@ def test_ensure_one_key(kind: str) -> None:
             assert (out == 0).all()
 
 
+@pytest.mark.parametrize("ensure", [False, True])
+def test_bit_probability_gradients_match_straight_through_composition(ensure: bool) -> None:
+    """The fused {0, a} binarizer has the gradients of a * round_ste(clip(A / a, 0, 1)); a row maximum that
+    ensure_one_key forces to a is a constant: no gradient to A, gradient 1 to a."""
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(2, 3, 7, 7) * 2, dim=-1).requires_grad_()
+    binarizer = ProbabilityBinarizer(3, "bit", 0.75, ensure).eval()
+    with torch.no_grad():
+        binarizer.scale.copy_(torch.tensor([0.1, 0.3, 0.9]).reshape(3, 1, 1))  # 0.9: most rows get forced
+    upstream = torch.randn(2, 3, 7, 7)
+    grad_probs, grad_scale = torch.autograd.grad((binarizer(probs) * upstream).sum(), [probs, binarizer.scale])
+
+    a = binarizer.scale.detach().clone().requires_grad_()
+    leaf = probs.detach().clone().requires_grad_()
+    clipped = (leaf / a).clamp(0.0, 1.0)
+    rounded = clipped + (clipped.round() - clipped).detach()
+    forced = torch.zeros_like(leaf, dtype=torch.bool)
+    if ensure:
+        forced = (leaf == leaf.amax(-1, keepdim=True)) & (rounded == 0)
+        rounded = torch.where(forced, torch.ones_like(rounded), rounded)
+    assert forced.any() == ensure
+    expected_probs, expected_scale = torch.autograd.grad((a * rounded * upstream).sum(), [leaf, a])
+    assert torch.allclose(grad_probs, expected_probs, atol=1e-6)
+    assert torch.allclose(grad_scale, expected_scale, atol=1e-5)
+    assert (grad_probs[forced] == 0).all()
+
+
 def test_probability_binarizer_masks_by_hand() -> None:
     probs = torch.tensor([[[[0.5, 0.3, 0.15, 0.05]]]])
     threshold = ProbabilityBinarizer(1, "threshold", 0.75, False).eval()

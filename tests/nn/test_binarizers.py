@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from didbq.nn import ACTIVATION_BINARIZERS, binarize_weight, hard_sign, set_binarization
-from didbq.nn.binarizers import BiTSigned, Identity, RSign, Sign, round_ste, sign_with_surrogate
+from didbq.nn.binarizers import BiTSigned, Identity, RSign, Sign, sign_with_surrogate
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -90,14 +90,6 @@ def test_sign_with_surrogate_output_is_exactly_binary(shape: list[int], surrogat
     y = sign_with_surrogate(x, surrogate)
     assert _values(y) <= {-1.0, 1.0}
     assert torch.equal(y, hard_sign(x))
-
-
-def test_round_ste_rounds_forward_and_passes_gradient() -> None:
-    x = torch.tensor([0.1, 0.49, 0.51, 0.9], requires_grad=True)
-    y = round_ste(x)
-    assert y.tolist() == [0.0, 0.0, 1.0, 1.0]
-    (grad,) = torch.autograd.grad(y.sum(), x)
-    assert torch.equal(grad, torch.ones(4))
 
 
 # ---------------------------------------------------------------- binarize_weight

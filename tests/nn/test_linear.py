@@ -10,7 +10,7 @@ from torch import nn
 
 from didbq.nn import BinaryLinear, RPReLU, binarize_weight, hard_sign, set_binarization
 from didbq.nn.binarizers import BiTSigned, Identity, RSign
-from didbq.nn.linear import match_width
+from didbq.nn.linear import add_shortcut, widths_match
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -108,20 +108,19 @@ def test_identity_input_binarizer_is_not_binary() -> None:
     assert isinstance(BinaryLinear(4, 4).input_binarizer, RSign)
 
 
-# ---------------------------------------------------------------- match_width and the shortcut
+# ---------------------------------------------------------------- the shortcut
 
 
-def test_match_width_repeat_and_group_mean() -> None:
+def test_shortcut_repeats_when_widening_and_group_averages_when_narrowing() -> None:
     x = torch.arange(6.0).reshape(1, 6)
-    assert torch.equal(match_width(x, 6), x)
-    assert torch.equal(match_width(x, 12), torch.cat([x, x], dim=-1))
-    assert match_width(x, 4) is None
-    narrowed = match_width(x, 3)
-    assert narrowed.shape == (1, 3)
-    # narrowing is the left inverse of widening (groups of channels j, j + width, ...)
-    assert torch.equal(narrowed, (x[..., :3] + x[..., 3:]) / 2)
-    z = torch.randn(2, 5, 4)
-    assert torch.allclose(match_width(match_width(z, 12), 4), z)
+    assert torch.equal(add_shortcut(torch.zeros(1, 6), x), x)
+    assert torch.equal(add_shortcut(torch.zeros(1, 12), x), torch.cat([x, x], dim=-1))
+    # narrowing averages the groups of channels j, j + width, ...: the left inverse of widening
+    assert torch.equal(add_shortcut(torch.zeros(1, 3), x), (x[..., :3] + x[..., 3:]) / 2)
+    z, y = torch.randn(2, 5, 4), torch.randn(2, 5, 12)
+    assert torch.allclose(add_shortcut(y, z), y + z.repeat(1, 1, 3))
+    assert torch.allclose(add_shortcut(torch.zeros(2, 5, 4), add_shortcut(torch.zeros(2, 5, 12), z)), z)
+    assert not widths_match(6, 4) and widths_match(4, 12) and widths_match(12, 4)
 
 
 @pytest.mark.parametrize("in_features, out_features", [(4, 12), (8, 8), (12, 4), (6, 3)])

@@ -147,3 +147,21 @@ def test_token_slope_option() -> None:
     assert token.token_slope.grad is not None and (token.token_slope.grad != 0).any()
     assert "token_slope" in token.state_dict()
     assert "token_slope" not in TokenRPReLU(2, token_shape=(3,)).state_dict()
+
+
+@FAST
+@given(shape=st.lists(st.integers(1, 4), min_size=0, max_size=3), channels=st.integers(1, 6))
+def test_rprelu_gradients_equal_autograd_of_formula(shape: list[int], channels: int) -> None:
+    """The hand-written PReLU backward against autograd through the torch.where formula."""
+    module = RPReLU(channels)
+    _randomise(module)
+    with torch.no_grad():
+        module.slope.sub_(0.5)  # negative slopes too
+    x = torch.randn(*shape, channels, requires_grad=True)
+    upstream = torch.randn(*shape, channels)
+    params = [x, module.shift_in, module.slope, module.shift_out]
+    got = torch.autograd.grad((module(x) * upstream).sum(), params)
+    expected = torch.autograd.grad((_by_hand(x, module.shift_in, module.slope, module.shift_out) * upstream).sum(),
+                                   params)
+    for name, a, b in zip(["x", "shift_in", "slope", "shift_out"], got, expected):
+        assert torch.allclose(a, b, atol=1e-5), name
