@@ -93,7 +93,8 @@ def binarize(model_name: str | None, recipe: str | None, data: str | None, out: 
              as_json: bool) -> None:
     """Train a binary student of MODEL on --data: teacher, conversion and the recipe's distillation stages.
 
-    Writes the effective recipe, metrics.jsonl, curves.png, checkpoints and student.safetensors into --out.
+    Writes the effective recipe, metrics.jsonl, curves.png, checkpoints, the packed model.safetensors (what
+    didbq.load reads) and report.json into --out.
     Runs data-parallel under `torchrun --nproc_per_node N -m didbq binarize ...`.
     """
     import didbq  # noqa: F401  (torchvision guard before timm)

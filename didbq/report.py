@@ -264,8 +264,29 @@ MAX_SIZE_GAP = 0.01
 MAX_FLOP_GAP = 0.01
 
 
+class _Gap:
+    """A measured quantity against its expected value: the relative gap, and whether it is within `limit`."""
+
+    limit = MAX_SIZE_GAP
+
+    def _compared(self) -> tuple[int, int]:  # (measured, expected)
+        raise NotImplementedError
+
+    @property
+    def gap(self) -> float:
+        measured, expected = self._compared()
+        return measured / expected - 1 if expected else math.inf
+
+    @property
+    def ok(self) -> bool:
+        return abs(self.gap) <= self.limit
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "gap": self.gap, "ok": self.ok}
+
+
 @dataclass
-class FileCheck:
+class FileCheck(_Gap):
     """The packed file's size, measured, against the analytic size of its tensors."""
 
     path: str
@@ -275,35 +296,20 @@ class FileCheck:
     payload_bytes: int  # tensor data measured from the file
     analytic_bytes: int  # state_sizes at the file's floating-point width
 
-    @property
-    def gap(self) -> float:
-        return self.payload_bytes / self.analytic_bytes - 1 if self.analytic_bytes else math.inf
-
-    @property
-    def ok(self) -> bool:
-        return abs(self.gap) <= MAX_SIZE_GAP
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "gap": self.gap, "ok": self.ok}
+    def _compared(self) -> tuple[int, int]:
+        return self.payload_bytes, self.analytic_bytes
 
 
 @dataclass
-class FlopCheck:
+class FlopCheck(_Gap):
     """Full-precision MACs of the report against torch.utils.flop_counter on the unconverted model."""
 
+    limit = MAX_FLOP_GAP
     torch_macs: int  # FlopCounterMode's FLOPs / 2 (it counts a multiply-accumulate as 2 FLOPs)
     report_macs: int  # the report's full-precision reference (all MACs of the FP model's layers and products)
 
-    @property
-    def gap(self) -> float:
-        return self.report_macs / self.torch_macs - 1 if self.torch_macs else math.inf
-
-    @property
-    def ok(self) -> bool:
-        return abs(self.gap) <= MAX_FLOP_GAP
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "gap": self.gap, "ok": self.ok}
+    def _compared(self) -> tuple[int, int]:
+        return self.report_macs, self.torch_macs
 
 
 def reference_macs(model: nn.Module, example: torch.Tensor) -> int:
