@@ -45,6 +45,7 @@ from didbq import binarize_model, build_model
 from didbq.convert.recipe import Recipe, parse_recipe, resolve_recipe_path
 from didbq.nn import BinaryLinear, set_binarization
 from didbq.nn.attention import BinaryAttention
+from didbq.train.allocator import retain_freed_memory
 
 BUILTIN_RECIPES = ["didb", "xnor", "bit", "reactnet"]
 TARGET_RATIO = {"didb": 2.0}  # the target: the DIDB recipe within 2x of full precision
@@ -227,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the extra untimed step per model that measures activation memory")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--system-malloc", dest="retain", action="store_false",
+                        help="keep glibc's default malloc settings (by default the benchmark applies "
+                             "didbq.train.allocator.retain_freed_memory, as `didbq binarize` does)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     args = parser.parse_args(argv)
@@ -234,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats and --batch must be at least 1, --warmup at least 0")
 
     torch.set_num_threads(args.threads)
+    retained = args.retain and retain_freed_memory()
     log = (lambda *a: print(*a, file=sys.stderr, flush=True))
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     commit = git_commit()  # at start: the code this process imported
@@ -330,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"nproc": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
                     "didbq": didbq.__version__, "commit": commit, "threads": torch.get_num_threads(),
                     "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+                    "retain_freed_memory": retained,
                     "loadavg_1m_start": round(load_start, 2) if load_start is not None else None,
                     "loadavg_1m_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None},
         "wall_s": round(time.perf_counter() - started, 1),
@@ -346,7 +352,7 @@ def markdown(result: dict) -> str:
              f"{'x'.join(map(str, result['input_size']))}, loss {result['loss']}, {result['repeats']} timed steps "
              f"after {result['warmup']} warm-up, {m['threads']} threads, torch {m['torch']}, {m['cpu']} "
              f"({m['nproc']} CPUs), didbq {m['commit']}, {result['date']}; load average {m['loadavg_1m_start']} -> "
-             f"{m['loadavg_1m_end']}" + (f"; {' '.join(f'{k}={v}' for k, v in m['malloc_env'].items())}"
+             f"{m['loadavg_1m_end']}; freed memory retained: {'yes' if m.get('retain_freed_memory') else 'no'}" + (f"; {' '.join(f'{k}={v}' for k, v in m['malloc_env'].items())}"
                                             if m.get("malloc_env") else ""),
              "",
              "| model | step median (s) | min (s) | max (s) | forward median (s) | ratio vs FP "

@@ -200,6 +200,8 @@ class RunSection(Strict):
     log_every: int = Field(10, gt=0)
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     deterministic: bool = Field(True, description="deterministic algorithms (bit-identical resume on CPU)")
+    retain_freed_memory: bool = Field(
+        True, description="keep freed memory in the process (glibc malloc): no page faults on every step")
 
 
 class Recipe(Strict):

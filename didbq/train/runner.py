@@ -28,6 +28,7 @@ from didbq.convert.recipe import Recipe, Stage
 from didbq.convert.walker import convert
 from didbq.errors import DidbqError
 from didbq.nn import set_binarization
+from didbq.train.allocator import retain_freed_memory
 from didbq.train.checkpoint import (
     load_checkpoint,
     load_fitting,
@@ -473,4 +474,6 @@ def binarize(config: BinarizeConfig, recipe: Recipe, context: Distributed, log: 
     """Run (or resume) a whole binarization; returns the accuracy of the teacher and of every stage."""
     if recipe.run.deterministic and context.device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
+    if recipe.run.retain_freed_memory:
+        retain_freed_memory()
     return Run(config, recipe, context, log).execute()

@@ -1,0 +1,34 @@
+"""Keeping freed memory in the process: glibc malloc settings for CPU training.
+
+A training step allocates and frees the same large activation and gradient buffers every step. With glibc's
+defaults, blocks above the (at most 32 MiB) mmap threshold get a fresh `mmap` each time and a free heap top is
+trimmed, so every step faults the same hundreds of MiB of pages in again: on deit_small at batch 32 the DIDB
+step took 190,000 page faults and a second of system time. PyTorch's CPU tuning guide suggests swapping in
+jemalloc or tcmalloc for the same reason; `retain_freed_memory` gets the effect with the malloc already loaded.
+Memory is held at the step's peak rather than returned between steps; the peak itself does not change.
+"""
+from __future__ import annotations
+
+import ctypes
+import sys
+
+# mallopt parameters (glibc malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+NEVER_TRIM = 2**31 - 1  # mallopt takes a C int
+
+
+def retain_freed_memory() -> bool:
+    """Serve every allocation from the heap and never trim it, so freed blocks are reused without page faults.
+
+    Returns whether the settings took effect: False where the C library is not glibc (macOS, musl), which is
+    left unchanged. Large blocks that a thread other than the main one asks for still fall back to mmap.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1
