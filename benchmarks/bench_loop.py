@@ -6,7 +6,10 @@
 2. memory: peak resident memory of one distillation step (teacher forward + student forward/backward + AdamW)
    for a model at a batch size, measured in a fresh subprocess (ru_maxrss).
 
-    python benchmarks/bench_loop.py overhead [--steps 40]
+Both apply `retain_freed_memory` first, as `didbq binarize` does, so that the loops differ only in the loop.
+The overhead rounds alternate bare and real loops so that load on the machine hits both alike.
+
+    python benchmarks/bench_loop.py overhead [--steps 40] [--rounds 3] [--threads 2]
     python benchmarks/bench_loop.py memory --model deit_small_patch16_224 --batch 32 [--recipe didb]
 """
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 import didbq
 from didbq.nn import set_binarization
+from didbq.train.allocator import retain_freed_memory
 from didbq.train.checkpoint import save_weights
 from didbq.train.distributed import setup
 from didbq.train.losses import soft_cross_entropy
@@ -67,9 +71,10 @@ def loop_images_per_second(recipe_text: str, steps: int) -> float:
         return statistics.median(rates)
 
 
-def overhead(steps: int) -> dict:
-    torch.set_num_threads(2)
+def overhead(steps: int, rounds: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # as `didbq binarize` does
+    retain_freed_memory()
     quick = (Path(__file__).resolve().parent.parent / "recipes" / "quick.yaml").read_text()
     stage = f"""
 stages:
@@ -79,16 +84,23 @@ teacher: {{pretrained: false}}
 """
     recipe_text = quick.split("\nteacher:")[0] + "\n" + stage
     recipe = didbq.convert.parse_recipe(recipe_text)
-    bare = bare_images_per_second(recipe, steps, recipe.data.batch_size)
-    loop = loop_images_per_second(recipe_text, steps)
-    return {"bare_images_per_s": bare, "loop_images_per_s": loop, "overhead": bare / loop - 1}
+    bare, loop = [], []
+    for _ in range(rounds):
+        bare.append(bare_images_per_second(recipe, steps, recipe.data.batch_size))
+        loop.append(loop_images_per_second(recipe_text, steps))
+        print(f"# bare {bare[-1]:.0f} img/s, loop {loop[-1]:.0f} img/s", file=sys.stderr, flush=True)
+    bare_median, loop_median = statistics.median(bare), statistics.median(loop)
+    return {"threads": threads, "steps": steps, "batch": recipe.data.batch_size, "bare_images_per_s": bare,
+            "loop_images_per_s": loop, "bare_median": bare_median, "loop_median": loop_median,
+            "overhead": bare_median / loop_median - 1}
 
 
-def memory(model: str, batch: int, recipe: str) -> dict:
+def memory(model: str, batch: int, recipe: str, threads: int) -> dict:
     code = f"""
 import resource, torch, didbq
+from didbq.train.allocator import retain_freed_memory
 from didbq.train.losses import soft_cross_entropy
-torch.set_num_threads(2); torch.set_flush_denormal(True)
+torch.set_num_threads({threads}); torch.set_flush_denormal(True); retain_freed_memory()
 teacher = didbq.build_model({model!r}).eval().requires_grad_(False)
 student = didbq.binarize_model(didbq.build_model({model!r}), {recipe!r}).train()
 optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
@@ -103,7 +115,8 @@ print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     before, peak = (int(v) / 2**20 for v in output[-2:])
-    return {"model": model, "batch": batch, "recipe": recipe, "peak_rss_gib": peak, "after_setup_gib": before}
+    return {"model": model, "batch": batch, "recipe": recipe, "threads": threads, "peak_rss_gib": peak,
+            "after_setup_gib": before}
 
 
 def main() -> None:
@@ -113,8 +126,11 @@ def main() -> None:
     parser.add_argument("--model", default="deit_small_patch16_224")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--recipe", default="didb")
+    parser.add_argument("--rounds", type=int, default=3, help="overhead: alternating bare/real rounds")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    result = overhead(args.steps) if args.what == "overhead" else memory(args.model, args.batch, args.recipe)
+    result = (overhead(args.steps, args.rounds, args.threads) if args.what == "overhead"
+              else memory(args.model, args.batch, args.recipe, args.threads))
     print(json.dumps(result, indent=2))
 
 

@@ -22,7 +22,7 @@ def faults_of_one_step():  # like a training step: two 64 MiB buffers (above any
     del x, y
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 warm_up = [faults_of_one_step() for _ in range(3)]
-print(json.dumps({"retained": retained, "warm_up": warm_up, "steady": [faults_of_one_step() for _ in range(3)]}))
+print(json.dumps({"retained": retained, "warm_up": warm_up, "steady": [faults_of_one_step() for _ in range(6)]}))
 """
 
 
@@ -35,5 +35,8 @@ def test_retained_memory_is_reused_without_page_faults() -> None:
     pages = 64 * 2**20 // 4096
     default, retained = _probe("default"), _probe("retain")
     assert retained["retained"] and not default["retained"]
-    assert min(default["steady"]) > pages  # each step maps fresh pages and faults them in
-    assert retained["warm_up"][0] > pages and sum(retained["steady"]) < pages // 20, retained
+    assert min(default["steady"]) > pages, default  # each step maps fresh pages and faults them in
+    # reused from the heap: most steps fault nothing (the kernel may still reclaim an idle block now and then)
+    assert retained["warm_up"][0] > pages, retained
+    assert sorted(retained["steady"])[3] < pages // 20, retained
+    assert sum(retained["steady"]) < sum(default["steady"]) / 3, (retained, default)
