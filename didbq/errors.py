@@ -18,3 +18,7 @@ class UnsupportedModelError(DidbqError):
 
 class ConversionCheckError(DidbqError):
     """The post-swap check found a binary layer that never ran, or non-finite outputs."""
+
+
+class StudyError(DidbqError):
+    """A study file that cannot be read or validated, or a study folder that does not match it."""

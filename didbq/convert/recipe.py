@@ -8,7 +8,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from didbq.errors import RecipeError
+from didbq.errors import DidbqError, RecipeError
 from didbq.nn.attention import ATTENTION_VARIANTS, AttentionOptions
 
 BUILTIN_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -143,6 +143,12 @@ class Loss(Strict):
     features: FeatureLoss | None = None
 
 
+def exactly_one_length(epochs: float | None, steps: int | None) -> None:
+    """A training length is given as epochs or as steps, never both."""
+    if (epochs is None) == (steps is None):
+        raise ValueError("give exactly one of epochs or steps")
+
+
 class Stage(Strict):
     name: str
     weights: Literal["binary", "fp"] = "binary"
@@ -158,8 +164,7 @@ class Stage(Strict):
 
     @model_validator(mode="after")
     def _length(self) -> "Stage":
-        if (self.epochs is None) == (self.steps is None):
-            raise ValueError("give exactly one of epochs or steps")
+        exactly_one_length(self.epochs, self.steps)
         return self
 
 
@@ -178,6 +183,8 @@ class DataSection(Strict):
     std: tuple[float, ...] | None = None
     train_limit: int | None = Field(None, gt=0, description="use only this many training images")
     test_limit: int | None = Field(None, gt=0)
+    seed: int | None = Field(None, description="seed of the train_limit/test_limit subsets and of a split-off test "
+                                               "set; default: run.seed (fix it to compare seeds on the same images)")
     image_column: str | None = None
     label_column: str | None = None
 
@@ -225,6 +232,11 @@ class Recipe(Strict):
             seen.append(stage.name)
         return self
 
+    @property
+    def data_seed(self) -> int:
+        """The seed that picks the images (data.seed, else run.seed)."""
+        return self.run.seed if self.data.seed is None else self.data.seed
+
     def effective(self) -> dict[str, Any]:
         """The recipe as plain data with every default filled in and the attention preset resolved, so that
         reading it back gives the same recipe (a plain model_dump would turn the preset's choices into the
@@ -234,7 +246,7 @@ class Recipe(Strict):
         return data
 
 
-def _line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
+def line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
     """The 1-based line of the YAML node at `path` (or of its deepest existing ancestor)."""
     line = node.start_mark.line + 1 if node is not None else None
     for key in path:
@@ -252,9 +264,9 @@ def _line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
     return line
 
 
-def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+def _model_at(path: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
     """The schema class that holds the key at the end of `path` (for listing the keys it accepts)."""
-    model: type[BaseModel] = Recipe
+    model = root
     for key in path[:-1]:
         if isinstance(key, int):
             continue
@@ -270,10 +282,10 @@ def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def _describe(error: dict[str, Any], model: type[BaseModel] | None = None) -> str:
+def _describe(error: dict[str, Any], model: type[BaseModel] | None = None, root: type[BaseModel] | None = None) -> str:
     kind, message = error["type"], error["msg"]
     if kind == "extra_forbidden":
-        model = model or _model_at(tuple(error["loc"]))
+        model = model or _model_at(tuple(error["loc"]), root or Recipe)
         return f"unknown key (expected one of: {', '.join(model.model_fields)})" if model else "unknown key"
     if kind == "value_error":
         return message.removeprefix("Value error, ")
@@ -296,36 +308,57 @@ def resolve_recipe_path(recipe: str | Path) -> Path:
     raise RecipeError(f"{recipe}: no such recipe file (built-in recipes: {known})")
 
 
-def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+def read_yaml(text: str, source: str, error: type[DidbqError] = RecipeError) -> tuple[yaml.Node | None, Any]:
+    """The parsed YAML and its node tree (for line numbers); malformed YAML is one line naming the line."""
     try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
+        return yaml.compose(text), yaml.safe_load(text)
+    except yaml.YAMLError as malformed:
+        mark = getattr(malformed, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise RecipeError(f"{source}:{where}: malformed YAML: {problem}") from None
+        problem = getattr(malformed, "problem", None) or str(malformed).splitlines()[0]
+        raise error(f"{source}:{where}: malformed YAML: {problem}") from None
+
+
+def validated(schema: type[BaseModel], data: Any, source: str, node: yaml.Node | None = None,
+              error: type[DidbqError] = RecipeError) -> Any:
+    """`schema` validated from `data`; the first problem as one line naming the source, line and key path."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as invalid:
+        first = invalid.errors()[0]
+        path = tuple(p for p in first["loc"])
+        line = line_of(node, path)
+        dotted = ".".join(str(p) for p in path) or "(top level)"
+        more = f" (and {invalid.error_count() - 1} more)" if invalid.error_count() > 1 else ""
+        return_line = f" line {line}:" if line else ""
+        raise error(f"{source}:{return_line} {dotted}: {_describe(first, root=schema)}{more}") from None
+
+
+def recipe_mapping(text: str, source: str) -> tuple[yaml.Node | None, dict[str, Any]]:
+    """The YAML of a recipe as data (and its node tree, for line numbers), not validated yet."""
+    node, data = read_yaml(text, source)
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping with at least a 'name' key")
+    return node, data
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    node, data = recipe_mapping(text, source)
+    return validated(Recipe, data, source, node)
+
+
+def read_recipe_text(recipe: str | Path) -> tuple[Path, str]:
+    """The path and text of a recipe file or built-in recipe name."""
+    path = resolve_recipe_path(recipe)
     try:
-        return Recipe.model_validate(data)
-    except ValidationError as error:
-        first = error.errors()[0]
-        path = tuple(p for p in first["loc"])
-        line = _line_of(node, path)
-        dotted = ".".join(str(p) for p in path) or "(top level)"
-        more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-        return_line = f" line {line}:" if line else ""
-        raise RecipeError(f"{source}:{return_line} {dotted}: {_describe(first)}{more}") from None
+        return path, path.read_text()
+    except OSError as error:
+        raise RecipeError(f"{path}: cannot read the recipe ({error.strerror})") from None
 
 
 def load_recipe(recipe: str | Path | Recipe) -> Recipe:
     """A validated Recipe from a file path, a built-in recipe name, or a Recipe (returned as is)."""
     if isinstance(recipe, Recipe):
         return recipe
-    path = resolve_recipe_path(recipe)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise RecipeError(f"{path}: cannot read the recipe ({error.strerror})") from None
+    path, text = read_recipe_text(recipe)
     return parse_recipe(text, str(path))

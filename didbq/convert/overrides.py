@@ -1,0 +1,75 @@
+"""Recipe variants for ablations, written `recipe[key=value,...]` (the syntax of benchmarks/bench_step.py).
+
+`didb[hfsc=off,local=off]` sets fields of the recipe's `attention:` section; `variant=<preset>` replaces that
+whole section by a preset; `linear.<option>=<value>` sets an option of every binary_linear rule;
+`into.<rule name>=<replacement>` changes what a named rule turns its modules into (`into.MLP activation=rprelu`:
+plain instead of token-wise RPReLU); `drop_rule=<rule name>` removes a rule (its modules stay as they are).
+Values are YAML scalars. The result is the recipe as data, for the caller to adjust and validate.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from didbq.convert.recipe import read_recipe_text, recipe_mapping
+from didbq.errors import RecipeError
+
+
+def split_spec(spec: str) -> tuple[str, list[tuple[str, str]]]:
+    """`name[key=value,...]` -> (name, [(key, raw value), ...])."""
+    base, bracket, rest = spec.partition("[")
+    if not bracket:
+        return spec.strip(), []
+    if not rest.endswith("]"):
+        raise RecipeError(f"{spec}: overrides must end with ']'")
+    pairs = []
+    for item in filter(None, (part.strip() for part in rest[:-1].split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"{spec}: override {item!r} is not key=value")
+        pairs.append((key.strip(), raw.strip()))
+    return base.strip(), pairs
+
+
+def _rules_named(rules: list[dict[str, Any]], name: str, spec: str) -> list[dict[str, Any]]:
+    named = [rule for rule in rules if rule.get("name") == name]
+    if not named:
+        known = ", ".join(repr(rule["name"]) for rule in rules if rule.get("name")) or "none"
+        raise RecipeError(f"{spec}: no rule named {name!r} (named rules: {known})")
+    return named
+
+
+def apply_override(data: dict[str, Any], key: str, raw: str, spec: str) -> None:
+    """Apply one `key=value` override (see the module docstring) to recipe data, in place."""
+    value = yaml.safe_load(raw)
+    rules = data.setdefault("binarize", {}).setdefault("rules", [])
+    if key == "drop_rule":
+        dropped = _rules_named(rules, raw, spec)
+        data["binarize"]["rules"] = [rule for rule in rules if rule not in dropped]
+    elif key.startswith("into."):
+        for rule in _rules_named(rules, key.removeprefix("into."), spec):
+            rule["into"] = value
+    elif key.startswith("linear."):
+        targets = [rule for rule in rules if rule.get("into") == "binary_linear"]
+        if not targets:
+            raise RecipeError(f"{spec}: the recipe has no binary_linear rule")
+        for rule in targets:
+            rule.setdefault("options", {})[key.removeprefix("linear.")] = value
+    elif key == "variant":
+        data["attention"] = {"variant": value}  # the preset alone: drop the recipe's own settings
+    else:
+        data.setdefault("attention", {})[key] = value
+
+
+def recipe_data(spec: str, relative_to: Path | None = None) -> dict[str, Any]:
+    """The recipe `spec` names (a file, relative to `relative_to` when it exists there, or a built-in name) as
+    data, with its overrides applied; not validated yet."""
+    base, overrides = split_spec(spec)
+    local = relative_to / base if relative_to is not None else None
+    path, text = read_recipe_text(local if local is not None and local.is_file() else base)
+    _, data = recipe_mapping(text, str(path))
+    for key, raw in overrides:
+        apply_override(data, key, raw, spec)
+    return data
