@@ -1,9 +1,11 @@
 """`didbq binarize`: the teacher, the conversion, the distillation stages, checkpoints, resume and DDP.
 
-The run is a list of phases: an optional full-precision teacher fine-tuning, then the recipe's stages. Each
-phase is a deterministic function of (seed, phase, step): the data order and augmentation come from the step
-number, and a checkpoint holds the model, optimizer, scheduler and RNG, so a run killed at any moment and
-resumed from its last checkpoint ends with the same weights as an uninterrupted one (CPU, deterministic mode).
+The run is a list of phases: an optional full-precision teacher fine-tuning, then the recipe's stages (none: a
+teacher-only run, whose product is teacher.safetensors). Each phase is a deterministic function of (seed, phase,
+step): the data order and augmentation come from the step number, and a checkpoint holds the model, optimizer,
+scheduler and RNG, so a run killed at any moment and resumed from its last checkpoint ends with the same weights
+as an uninterrupted one (CPU, deterministic mode). results.json holds each phase's accuracy, training seconds
+(summed over resumed sittings) and epochs.
 """
 from __future__ import annotations
 
@@ -86,6 +88,7 @@ class RunState:
     step: int = 0
     checkpoint: dict[str, Any] | None = None
     results: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # training time per phase, kept across resumes
 
 
 def _write_guard(out: Path, resume: bool, force: bool) -> None:
@@ -113,7 +116,7 @@ class Run:
     def _load_data(self) -> ImageData:
         spec = self.recipe.data
         return load_image_data(self.config.data, image_column=spec.image_column, label_column=spec.label_column,
-                               train_limit=spec.train_limit, test_limit=spec.test_limit, seed=self.recipe.run.seed)
+                               train_limit=spec.train_limit, test_limit=spec.test_limit, seed=self.recipe.data_seed)
 
     def _build_teacher(self, data: ImageData) -> tuple[nn.Module, bool]:
         """The full-precision teacher with a head for the data's classes, and whether it must be trained."""
@@ -159,8 +162,8 @@ class Run:
             phases.append(Phase(0, TEACHER, self.recipe.teacher.train, True))
         for stage in self.recipe.stages:
             phases.append(Phase(len(phases), stage.name, stage, False))
-        if not self.recipe.stages:
-            raise DidbqError("the recipe declares no stages; add at least one under `stages:`")
+        if not phases:
+            raise DidbqError("the recipe declares no stages (and trains no teacher); add at least one under `stages:`")
         return phases
 
     def _datasets(self, data: ImageData, model: nn.Module) -> tuple[TransformedImages, TransformedImages]:
@@ -211,13 +214,14 @@ class Run:
                 self._start_weights(phase, phases, student)
             kd_teacher = self._kd_teacher(phase, phases, teacher, student)
             self._train_phase(phase, student, kd_teacher, train_set, test_set, state, mid_phase)
-        if student is None:  # resumed after the last stage ended but before the final files were written
+        if student is None and self.recipe.stages:  # resumed after the last stage ended, before the final files
             student = self._student(teacher)
             student.load_state_dict(state.checkpoint["model"])
         if self.context.is_main:
-            last = self.recipe.stages[-1]
-            set_binarization(student, weights=last.weights == "binary", activations=last.activations == "binary")
-            self._export(student.eval(), state.results)
+            if student is not None:
+                last = self.recipe.stages[-1]
+                set_binarization(student, weights=last.weights == "binary", activations=last.activations == "binary")
+                self._export(student.eval(), state.results)
             write_json(self.out / "results.json", state.results)
             self._plot()
         return state.results
@@ -292,7 +296,8 @@ class Run:
             lines = self.metrics_path.read_text().splitlines(keepends=True) if self.metrics_path.exists() else []
             write_text(self.metrics_path, "".join(lines[: checkpoint["metrics_lines"]]))
         self.log(f"resuming at phase {checkpoint['phase']}, step {checkpoint['step']}")
-        return RunState(checkpoint["phase"], checkpoint["step"], checkpoint, dict(checkpoint["results"]))
+        return RunState(checkpoint["phase"], checkpoint["step"], checkpoint, dict(checkpoint["results"]),
+                        dict(checkpoint.get("train_seconds", {})))
 
     # ------------------------------------------------------------------ one phase
 
@@ -342,6 +347,7 @@ class Run:
         progress = _Progress(self.log, phase.name, total, start, global_batch,
                              enabled=context.is_main and self.config.progress)
         window_start, window_images = time.perf_counter(), 0
+        clock = _PhaseClock(state.seconds, phase.name)
         loader = None
         for step in range(start, total):
             epoch, index = divmod(step, per_epoch)
@@ -375,13 +381,15 @@ class Run:
                               **parts, "lr": schedule.get_last_lr()[0], "images_per_s": window_images / elapsed})
                 window_start, window_images = time.perf_counter(), 0
             if done % recipe.run.checkpoint_every == 0 and done < total:
+                clock.record()
                 self._checkpoint(phase.index, done, model, optimizer, schedule, state)
+        clock.record()
         progress.close()
         for tap in taps:
             if tap is not None:
                 for side in tap:
                     side.remove()
-        self._finish_phase(phase, model, test_set, state)
+        self._finish_phase(phase, model, test_set, state, total / per_epoch)
 
     def _taps(self, model: nn.Module, kd_teacher: nn.Module | None, stage: Stage) -> tuple:
         loss = stage.loss
@@ -399,12 +407,14 @@ class Run:
         loader = DataLoader(train_set, batch_sampler=batches[start_batch:], num_workers=self.recipe.data.workers)
         return iter(loader)
 
-    def _finish_phase(self, phase: Phase, model: nn.Module, test_set: TransformedImages, state: RunState) -> None:
+    def _finish_phase(self, phase: Phase, model: nn.Module, test_set: TransformedImages, state: RunState,
+                      epochs: float) -> None:
         if self.context.is_main:
-            result = self._evaluate(model, test_set)
+            result = {**self._evaluate(model, test_set), "train_s": state.seconds[phase.name], "epochs": epochs}
             state.results[phase.name] = result
             self._metric({"phase": phase.name, "event": "eval", **result})
-            self.log(f"{phase.name}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
+            self.log(f"{phase.name}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+                     f"({result['train_s']:.0f} s training)")
             if not phase.trains_teacher:
                 save_weights(self._stage_file(phase.name), model)
         self._checkpoint(phase.index + 1, 0, model, None, None, state)
@@ -419,7 +429,8 @@ class Run:
                 "phase": phase, "step": step, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
                 "scheduler": schedule.state_dict() if schedule is not None else None,
-                "torch_rng": torch.get_rng_state(), "metrics_lines": lines, "results": state.results})
+                "torch_rng": torch.get_rng_state(), "metrics_lines": lines, "results": state.results,
+                "train_seconds": state.seconds})
         self.context.barrier()
 
     def _metric(self, record: dict[str, Any]) -> None:
@@ -434,6 +445,17 @@ class Run:
 
 def _logits(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
+
+
+class _PhaseClock:
+    """Training seconds of one phase on top of what earlier sittings spent on it (a resumed run sums them)."""
+
+    def __init__(self, seconds: dict[str, float], name: str) -> None:
+        self.seconds, self.name = seconds, name
+        self.earlier, self.started = seconds.get(name, 0.0), time.perf_counter()
+
+    def record(self) -> None:
+        self.seconds[self.name] = self.earlier + time.perf_counter() - self.started
 
 
 class _Progress:

@@ -79,6 +79,7 @@ def test_a_run_writes_its_folder_and_the_loss_falls(reference: Path) -> None:
     results = json.loads((reference / "results.json").read_text())
     assert set(results) == {"teacher", "s1", "s2"}
     assert results["teacher"]["top1"] > 20  # ten classes: chance is 10%
+    assert results["s1"]["epochs"] == 6 / (256 // 32) and all(results[p]["train_s"] > 0 for p in results)
     assert (reference / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
