@@ -166,7 +166,7 @@ def evaluate_run(run_folder: Path, data: str | None, as_json: bool) -> None:
     model = load_student(run_folder)
     spec = recipe.data
     images = load_image_data(data or run["data"], image_column=spec.image_column, label_column=spec.label_column,
-                             test_limit=spec.test_limit, seed=recipe.run.seed)
+                             test_limit=spec.test_limit, seed=recipe.data_seed)
     if images.num_classes != len(run["class_names"]):
         raise DidbqError(f"{data}: {images.num_classes} classes, but the model was trained on "
                          f"{len(run['class_names'])}")
@@ -238,6 +238,49 @@ def export(source: Path, out: Path, form: str, fp16: bool, word_bits: str, force
     written = export_model(source, out, format=form, fp_dtype="float16" if fp16 else "float32",
                            word_bits=int(word_bits), force=force)
     console.print(f"wrote {written} ({written.stat().st_size:,} bytes, {form})")
+
+
+@cli.command()
+@click.argument("study_file", metavar="STUDY.yaml", type=click.Path(path_type=Path))
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True,
+              help="Study folder: one run folder each, and the table (results.md, results.json).")
+@click.option("--only", multiple=True, metavar="NAME",
+              help="Run only these students (student or run names; repeat or comma-separate). The teacher always "
+                   "comes first; the table lists every finished run.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1 or auto.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (log lines only).")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def study(study_file: Path, out: Path, only: tuple[str, ...], device: str, no_progress: bool, as_json: bool) -> None:
+    """Run a study: one full-precision teacher, then students from several recipes on the same budget (same
+    teacher, data, epochs, batch), and a table of top-1, gap to the teacher, packed size, BOPs / FLOPs / OPs and
+    train time per epoch. Finished runs are skipped and stopped ones resumed: run it again to continue."""
+    import didbq  # noqa: F401  (torchvision guard before timm)
+
+    _quiet_datasets()
+    from didbq.study import TABLE_MARKDOWN, run_study
+
+    names = [name.strip() for value in only for name in value.split(",") if name.strip()]
+    table = run_study(study_file, out, names, device=device, progress=not no_progress,
+                      log=lambda message: errors.print(message, markup=False, highlight=False))
+    if as_json:
+        click.echo(json.dumps(table, indent=2))
+        return
+    _print_study(table)
+    console.print(f"table: {out / TABLE_MARKDOWN}")
+
+
+def _print_study(table: dict[str, Any]) -> None:
+    from didbq.study import COLUMNS, SEED_COLUMNS
+
+    for title, columns, rows in ((f"Study {table['study']}", COLUMNS, [table["teacher"], *table["students"]]),
+                                 ("Several seeds", SEED_COLUMNS, table["seeds"])):
+        if rows:
+            view = Table(title=title, title_justify="left")
+            for header, _ in columns:
+                view.add_column(header)
+            for row in rows:
+                view.add_row(*(cell(row) for _, cell in columns))
+            console.print(view)
 
 
 @cli.command()

@@ -1,0 +1,157 @@
+"""`didbq study` end to end on the CI study (studies/ci.yaml: scikit-learn digits, a tiny ViT, a few dozen steps
+per run): every recipe trains and beats chance, the table is written, a second invocation trains nothing, a
+stopped run is resumed, and bad study files are one-line errors."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from didbq.cli import main
+from didbq.study import TABLE_JSON, TABLE_MARKDOWN, load_study, run_study
+
+STUDY = Path(__file__).resolve().parent.parent / "studies" / "ci.yaml"
+RUNS = ["teacher", "xnor-seed0", "reactnet-seed0", "bit-seed0", "didb-seed0", "didb-seed1",
+        "didb-no-hfsc-one-stage-seed0"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list[str]]:
+    """The CI study run once through the library."""
+    out = tmp_path_factory.mktemp("study") / "ci"
+    lines: list[str] = []
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        table = run_study(STUDY, out, progress=False, log=lines.append)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)  # binarize turns it on for the whole process
+    return out, table, lines
+
+
+def test_every_student_trains_and_beats_chance(finished: tuple[Path, dict, list[str]]) -> None:
+    out, table, lines = finished
+    assert [row["run"] for row in table["students"]] == RUNS[1:] and not table["missing"]
+    assert table["teacher"]["top1"] > 80
+    for row in table["students"]:  # ten classes: chance is 10%
+        assert row["top1"] > 40, row
+        assert row["below_teacher"] == pytest.approx(table["teacher"]["top1"] - row["top1"])
+        assert row["file_bytes"] == (out / row["run"] / "model.safetensors").stat().st_size
+        assert row["bops"] > 0 and row["ops_reduction"] > 10 and row["smaller"] > 3
+        assert row["train_s_per_epoch"] > 0 and row["epochs"] == pytest.approx(40 // len(row["stages"]) *
+                                                                               len(row["stages"]) / (1497 // 64))
+    assert [len(row["stages"]) for row in table["students"]] == [1, 2, 2, 2, 2, 1]
+    assert table["seeds"][0]["student"] == "didb" and table["seeds"][0]["seeds"] == [0, 1]
+    assert sum(line.endswith(": training") for line in lines) == len(RUNS)
+
+
+def test_the_table_is_written(finished: tuple[Path, dict, list[str]]) -> None:
+    out, table, _ = finished
+    assert json.loads((out / TABLE_JSON).read_text()) == json.loads(json.dumps(table))
+    markdown = (out / TABLE_MARKDOWN).read_text()
+    for run in RUNS:
+        assert f"| {run} |" in markdown, run
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+def test_a_second_invocation_trains_nothing(finished: tuple[Path, dict, list[str]],
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    out, table, _ = finished
+    written = {run: (out / run / "results.json").stat().st_mtime_ns for run in RUNS}
+    capsys.readouterr()
+    main(["study", str(STUDY), "--out", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == json.loads(json.dumps(table))
+    assert captured.err.count("finished earlier, skipped") == len(RUNS) and "training" not in captured.err
+    assert written == {run: (out / run / "results.json").stat().st_mtime_ns for run in RUNS}
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint(finished: tuple[Path, dict, list[str]], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A run stopped after its last stage (checkpoint written, final files not) resumes instead of retraining;
+    its training seconds come from the checkpoint."""
+    out, table, _ = finished
+    copy = tmp_path / "ci"
+    shutil.copytree(out, copy)
+    for name in ("results.json", "model.safetensors", "report.json"):
+        (copy / "xnor-seed0" / name).unlink()
+    capsys.readouterr()
+    main(["study", str(STUDY), "--out", str(copy), "--only", "xnor", "--json", "--no-progress"])
+    captured = capsys.readouterr()
+    assert "xnor-seed0: resuming" in captured.err
+    assert json.loads(captured.out)["students"] == json.loads(json.dumps(table["students"]))
+
+
+def test_only_selects_students(finished: tuple[Path, dict, list[str]], capsys: pytest.CaptureFixture[str]) -> None:
+    out, _, _ = finished
+    capsys.readouterr()
+    main(["study", str(STUDY), "--out", str(out), "--only", "didb,bit-seed0"])
+    err = capsys.readouterr().err
+    assert "4 runs" in err and "xnor" not in err
+
+
+GOOD = STUDY.read_text()
+BAD_STUDIES = {  # case -> (study text, what the one-line error must say)
+    "malformed yaml": (GOOD.replace("budget:\n", "budget: [\n"), "malformed YAML"),
+    "unknown key": (GOOD.replace("steps: 40", "steps: 40\n  epoch: 2"), "line 19: budget.epoch: unknown key"),
+    "both lengths": (GOOD.replace("steps: 40", "steps: 40\n  epochs: 2"), "exactly one of epochs or steps"),
+    "unknown recipe": (GOOD.replace("recipe: xnor", "recipe: nope"), "students.0.recipe: nope: no such recipe"),
+    "bad override": (GOOD.replace("didb[hfsc=off]", "didb[hfsc=sometimes]"), "attention.hfsc"),
+    "unknown rule": (GOOD.replace("didb[hfsc=off]", "didb[drop_rule=nope]"), "no rule named 'nope'"),
+    "no teacher": (GOOD.replace("  train: {steps: 200", "  epochs: {steps: 200"), "teacher.epochs: unknown key"),
+    "teacher from nothing": (GOOD.replace("teacher:\n  train: {steps: 200, optimizer: {lr: 3.0e-3, "
+                                          "scale_lr_with_batch: false}}", "teacher: {}"), "give teacher.train"),
+    "repeated name": (GOOD.replace("name: reactnet", "name: xnor"), "unique (xnor repeated)"),
+    "run seed": (GOOD.replace("run: {", "run: {seed: 3, "), "run.seed"),
+    "bad name": (GOOD.replace("name: bit,", "name: b/t,"), "students.2.name"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_STUDIES))
+def test_bad_study_files_are_one_line_errors(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text, expected = BAD_STUDIES[case]
+    assert text != GOOD, "the case did not change the study"
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    code, err = _run(["study", str(path), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and expected in err and str(path) in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["missing file", "unknown student", "changed study", "foreign folder"])
+def test_bad_invocations_are_one_line_errors(case: str, finished: tuple[Path, dict, list[str]], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    out, _, _ = finished
+    study, args = STUDY, []
+    if case == "missing file":
+        study, expected = tmp_path / "nope.yaml", "cannot read the study"
+    elif case == "unknown student":
+        args, expected = ["--only", "nope"], "--only nope: no such student"
+    elif case == "changed study":  # the finished runs were trained for 40 steps
+        study, expected = tmp_path / "changed.yaml", "stages.0.steps: 40 here, 30 in the study"
+        study.write_text(GOOD.replace("steps: 40", "steps: 30"))
+    else:
+        out, expected = tmp_path / "out", "is not a run of this study"
+        (out / "teacher").mkdir(parents=True)
+        (out / "teacher" / "notes.txt").write_text("mine")
+    code, err = _run(["study", str(study), "--out", str(out), *args], capsys)
+    assert code == 2 and expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_study_files_load() -> None:
+    """Both shipped studies validate, with the same budget for every student."""
+    for name in ("ci", "fashion_mnist"):
+        plan = load_study(STUDY.parent / f"{name}.yaml")
+        lengths = {sum(stage.epochs or stage.steps for stage in run.recipe.stages) for run in plan.students}
+        assert len(lengths) == 1, (name, lengths)
+        assert plan.teacher is not None
+
+
+def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    return exit_.value.code, capsys.readouterr().err
