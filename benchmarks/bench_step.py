@@ -16,11 +16,9 @@ step; the process peak RSS (getrusage) closes the report.
     python benchmarks/bench_step.py --recipes didb "didb[hfsc=off]" "didb[local=off]" --json
     python benchmarks/bench_step.py --fp-unfused      # also FP with an explicit (materialised) softmax attention
 
-A recipe argument is a built-in name or a YAML file, optionally followed by overrides in brackets (used for
-ablations): `didb[hfsc=off,local=off]` sets keys of the recipe's `attention:` section, `didb[variant=softmax]` replaces
-that whole section by a preset (softmax: full-precision attention products),
-`didb[linear.shortcut=false]` sets an option of the binary_linear rule, `didb[drop_rule=MLP activation]` removes a
-rule (here: GELU stays GELU). Values are parsed as YAML scalars.
+A recipe argument is a built-in name or a YAML file, optionally followed by overrides in brackets, as in
+`didbq study` (see didbq/convert/overrides.py): `didb[hfsc=off,local=off]`, `didb[variant=softmax]`,
+`didb[linear.shortcut=false]`, `didb[drop_rule=MLP activation]`, `didb[into.MLP activation=rprelu]`.
 """
 from __future__ import annotations
 
@@ -42,7 +40,8 @@ import yaml
 
 import didbq  # noqa: F401  (before any timm import: makes timm importable)
 from didbq import binarize_model, build_model
-from didbq.convert.recipe import Recipe, parse_recipe, resolve_recipe_path
+from didbq.convert.overrides import recipe_data
+from didbq.convert.recipe import Recipe, parse_recipe
 from didbq.nn import BinaryLinear, set_binarization
 from didbq.nn.attention import BinaryAttention
 from didbq.train.allocator import retain_freed_memory
@@ -54,35 +53,8 @@ TARGET_RATIO = {"didb": 2.0}  # the issue's target: the DIDB recipe within 2x of
 # --------------------------------------------------------------------------------------------- recipes
 
 def recipe_from_spec(spec: str) -> Recipe:
-    """`name_or_path` or `name_or_path[key=value,...]` -> a validated Recipe (see the module docstring)."""
-    base, _, rest = spec.partition("[")
-    path = resolve_recipe_path(base)
-    data = yaml.safe_load(path.read_text())
-    if rest:
-        if not rest.endswith("]"):
-            raise SystemExit(f"{spec}: overrides must end with ']'")
-        for item in filter(None, (part.strip() for part in rest[:-1].split(","))):
-            key, sep, raw = item.partition("=")
-            if not sep:
-                raise SystemExit(f"{spec}: override {item!r} is not key=value")
-            key, value = key.strip(), yaml.safe_load(raw.strip())
-            rules = data.setdefault("binarize", {}).setdefault("rules", [])
-            if key == "drop_rule":
-                kept = [rule for rule in rules if rule.get("name") != raw.strip()]
-                if len(kept) == len(rules):
-                    raise SystemExit(f"{spec}: no rule named {raw.strip()!r}")
-                data["binarize"]["rules"] = kept
-            elif key.startswith("linear."):
-                targets = [rule for rule in rules if rule.get("into") == "binary_linear"]
-                if not targets:
-                    raise SystemExit(f"{spec}: the recipe has no binary_linear rule")
-                for rule in targets:
-                    rule.setdefault("options", {})[key.removeprefix("linear.")] = value
-            elif key == "variant":
-                data["attention"] = {"variant": value}  # the preset alone: drop the recipe's own settings
-            else:
-                data.setdefault("attention", {})[key] = value
-    return parse_recipe(yaml.safe_dump(data, sort_keys=False), spec)
+    """`name_or_path` or `name_or_path[key=value,...]` -> a validated Recipe (didbq.convert.overrides)."""
+    return parse_recipe(yaml.safe_dump(recipe_data(spec), sort_keys=False), spec)
 
 
 # --------------------------------------------------------------------------------------------- memory
