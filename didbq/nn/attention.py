@@ -36,6 +36,8 @@ class AttentionOptions(BaseModel):
     probs_init_quantile: float = Field(0.75, gt=0, lt=1, description="bit: a/2 starts at this quantile of A")
     ensure_one_key: bool = Field(True, description="every query row keeps at least its maximum key")
     aggregation: Literal["plain", "diba"] = Field("diba", description="A_b V, or DIBA's differential form")
+    differential: bool = Field(True, description="DIBA's - diag(A_b 1) V term (false: s V + A_b V + l Lap(V), "
+                                                 "the ablation without the differences)")
     shortcut: Literal["head", "channel", "off"] = Field("head", description="DIBA's learnable shortcut s")
     local: Literal["laplacian", "neighbour_mean", "off"] = Field("laplacian", description="DIBA's local term")
     local_init: float = Field(0.0, description="initial value of the local coefficient l")
@@ -270,14 +272,17 @@ class BinaryAttention(nn.Module):
         return F.dropout(probs, dropout_p) if dropout_p > 0 and self.training else probs
 
     def aggregate(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """A_b V, or DIBA: s V + (A_b V - diag(A_b 1) V) + l Lap(V) (self-attention only)."""
+        """A_b V, or DIBA: s V + (A_b V - diag(A_b 1) V) + l Lap(V) (self-attention only; `differential: false`
+        drops the diag(A_b 1) V term)."""
         if self.last_call is not None:
             self.last_call["value_dim"] = v.shape[-1]
         v = self.v_binarizer(v)
         out = probs @ v
         if self.diba and probs.shape[-2] == probs.shape[-1]:
             shortcut = self.shortcut if self.shortcut is not None else 1.0
-            out = out + (shortcut - probs.sum(-1, keepdim=True)) * v
+            if self.options.differential:
+                shortcut = shortcut - probs.sum(-1, keepdim=True)
+            out = out + shortcut * v
             if self.local_weight is not None:
                 local = local_difference(v, self.layout, self.options.local, self.options.prefix_tokens)
                 out = out + self.local_weight * local

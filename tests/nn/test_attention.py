@@ -252,9 +252,11 @@ def test_probability_binarizer_masks_by_hand() -> None:
     assert not bool(softmax.initialised)
 
 
-def test_binary_forward_equals_binary_products_by_hand() -> None:
-    """With binarization on, the output is built only from +-1 Q, K, V and the {0, a} matrix (DIBA formula)."""
-    core = make_core("didb", hfsc="off")
+@pytest.mark.parametrize("differential", [True, False])
+def test_binary_forward_equals_binary_products_by_hand(differential: bool) -> None:
+    """With binarization on, the output is built only from +-1 Q, K, V and the {0, a} matrix (DIBA formula;
+    without the differential term, s V + A_b V + l Lap(V))."""
+    core = make_core("didb", hfsc="off", differential=differential)
     core.eval()
     with torch.no_grad():
         core.prob_binarizer.scale.copy_(torch.tensor([0.2, 0.3]).reshape(2, 1, 1))
@@ -268,7 +270,8 @@ def test_binary_forward_equals_binary_products_by_hand() -> None:
     ones = torch.round((probs / a).clamp(0, 1))
     ones = torch.maximum(ones, (probs == probs.amax(-1, keepdim=True)).float())
     ab = a * ones
-    expected = (core.shortcut.detach() * vb + ab @ vb - ab.sum(-1, keepdim=True) * vb
+    differences = ab.sum(-1, keepdim=True) * vb if differential else 0
+    expected = (core.shortcut.detach() * vb + ab @ vb - differences
                 + core.local_weight.detach() * local_difference(vb, LAYOUT, "laplacian", "global"))
     assert torch.allclose(out.detach(), expected, atol=1e-5)
 
