@@ -16,6 +16,12 @@ from torch import nn
 from didbq.errors import DidbqError
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yields a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
@@ -24,6 +30,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(handle)
     try:
         yield Path(temporary)
+        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes it private; give it a new file's mode
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
