@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1 or args.warmup < 0 or args.batch < 1:
         parser.error("--repeats and --batch must be at least 1, --warmup at least 0")
 
+    retained = args.retain and retain_freed_memory()  # before any thread starts: arenas already made stay
     torch.set_num_threads(args.threads)
-    retained = args.retain and retain_freed_memory()
     log = (lambda *a: print(*a, file=sys.stderr, flush=True))
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     commit = git_commit()  # at start: the code this process imported
