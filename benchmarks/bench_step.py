@@ -26,17 +26,16 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import yaml
+from bench_convert import cpu_model, git_commit  # same folder: one description of the checkout and CPU
 
 import didbq  # noqa: F401  (before any timm import: makes timm importable)
 from didbq import binarize_model, build_model
@@ -128,32 +127,6 @@ def memory_pass(model: torch.nn.Module, loss_of) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- benchmark
-
-def git_commit() -> str | None:
-    """The checkout's commit, with "+dirty" when didbq/ has uncommitted changes (None outside a git checkout)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "didbq"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
 
 def make_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     models: dict[str, torch.nn.Module] = {}
