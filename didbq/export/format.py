@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from didbq.errors import DidbqError
-from didbq.export.packing import pack_signs
+from didbq.export.packing import pack_signs, signs_as_values
 from didbq.nn.binarizers import ActivationBinarizer, binarize_weight
 from didbq.nn.linear import BinaryLinear
 from didbq.train.checkpoint import atomic_path
@@ -183,7 +183,7 @@ def write_float(model: nn.Module, path: Path, *, model_name: str, model_args: di
         prefix = key[: -len(".weight")]
         if key.endswith(".weight") and prefix in layers:
             positive, scale = binary_parts(layers[prefix])
-            tensor = torch.where(positive, 1.0, -1.0).to(scale.dtype) * scale
+            tensor = signs_as_values(positive, scale.dtype) * scale
         tensor = tensor.detach().to("cpu")
         tensors[key] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous().clone()
     metadata = _metadata_for(model, tensors, FLOAT_FORMAT, model_name, model_args, recipe, fp_name, extra)

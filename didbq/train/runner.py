@@ -219,8 +219,7 @@ class Run:
             student.load_state_dict(state.checkpoint["model"])
         if self.context.is_main:
             if student is not None:
-                last = self.recipe.stages[-1]
-                set_binarization(student, weights=last.weights == "binary", activations=last.activations == "binary")
+                _binarize_as(student, self.recipe.stages[-1])
                 self._export(student.eval(), state.results)
             write_json(self.out / "results.json", state.results)
             self._plot()
@@ -270,8 +269,7 @@ class Run:
         if phase.stage.teacher == "previous_stage" and earlier:
             previous = copy.deepcopy(student)
             load_weights(self._stage_file(earlier[-1].name), previous)
-            set_binarization(previous, weights=earlier[-1].stage.weights == "binary",
-                             activations=earlier[-1].stage.activations == "binary")
+            _binarize_as(previous, earlier[-1].stage)
             previous.eval()
             return previous.requires_grad_(False)
         return teacher.eval().requires_grad_(False)
@@ -328,7 +326,7 @@ class Run:
             raise DidbqError(f"data.batch_size {global_batch} does not split over {context.world} processes")
         per_epoch, total = self._steps(stage, train_set)
         if not phase.trains_teacher:
-            set_binarization(model, weights=stage.weights == "binary", activations=stage.activations == "binary")
+            _binarize_as(model, stage)
         optimizer = build_optimizer(model, stage.optimizer, global_batch)
         schedule = build_schedule(optimizer, stage.schedule, total)
         start = 0
@@ -445,6 +443,11 @@ class Run:
 
 def _logits(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def _binarize_as(model: nn.Module, stage: Stage) -> None:
+    """Switch the model's binary layers to what `stage` trains: binary or full-precision weights and inputs."""
+    set_binarization(model, weights=stage.weights == "binary", activations=stage.activations == "binary")
 
 
 class _PhaseClock:
