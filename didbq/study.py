@@ -378,7 +378,7 @@ def _teacher_row(plan: StudyPlan, out: Path, finished: list[StudyRun]) -> dict[s
     return {"run": TEACHER_RUN, "student": None, "recipe": "full precision", "stages": [TEACHER_RUN] if epochs else [],
             "seed": plan.study.seed, "top1": measured.get("top1"), "top5": measured.get("top5"),
             "below_teacher": 0.0 if measured else None,
-            "file_bytes": file.stat().st_size if file.exists() else None, "smaller": 1.0,
+            "file_bytes": file.stat().st_size if file.exists() else None, "smaller": 1.0, "smaller_fp16": None,
             "bops": 0 if flops is not None else None, "flops": flops, "ops": flops,
             "ops_reduction": 1.0, "train_s": train_s, "epochs": epochs,
             "train_s_per_epoch": train_s / epochs if train_s and epochs else None}
@@ -392,6 +392,8 @@ def _student_row(run: StudyRun, folder: Path, teacher: dict[str, Any]) -> dict[s
                          f"teacher {teacher['top1']:.2f}%); delete the folder to run it again")
     phases = [results[stage.name] for stage in run.recipe.stages]
     final, totals, file_bytes = phases[-1], report["totals"], report["file"]["file_bytes"]
+    # the same file with its floating-point tensors in fp16 (`didbq export --fp16`): the header barely changes
+    file_bytes_fp16 = file_bytes - totals["packed_bytes"] + totals["packed_bytes_fp16"]
     train_s, epochs = sum(p["train_s"] for p in phases), sum(p["epochs"] for p in phases)
     return {"run": run.name, "student": run.student.name, "recipe": run.student.recipe,
             "stages": [stage.name for stage in run.recipe.stages], "seed": run.seed,
@@ -399,6 +401,7 @@ def _student_row(run: StudyRun, folder: Path, teacher: dict[str, Any]) -> dict[s
             "below_teacher": teacher["top1"] - final["top1"] if teacher["top1"] is not None else None,
             "file_bytes": file_bytes,
             "smaller": teacher["file_bytes"] / file_bytes if teacher["file_bytes"] else None,
+            "smaller_fp16": teacher["file_bytes"] / file_bytes_fp16 if teacher["file_bytes"] else None,
             "bops": totals["bops"], "flops": totals["flops"], "ops": totals["ops"],
             "ops_reduction": totals["ops_reduction"], "train_s": train_s, "epochs": epochs,
             "train_s_per_epoch": train_s / epochs}
@@ -423,8 +426,8 @@ def _seed_summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summaries
 
 
-def _cell(value: Any, form: str) -> str:
-    return "–" if value is None else format(value, form)
+def _cell(value: Any, form: str, suffix: str = "") -> str:
+    return "–" if value is None else format(value, form) + suffix
 
 
 def _size(value: int | None) -> str:
@@ -442,11 +445,12 @@ COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("top-1 %", lambda r: _cell(r["top1"], ".2f")),
     ("below teacher", lambda r: _cell(r["below_teacher"], ".2f")),
     ("packed size", lambda r: _size(r["file_bytes"])),
-    ("smaller than teacher", lambda r: _cell(r["smaller"], ".1f") + "x"),
+    ("smaller than teacher", lambda r: _cell(r["smaller"], ".1f", suffix="x")),
+    ("with fp16 parts", lambda r: _cell(r["smaller_fp16"], ".1f", suffix="x")),
     ("BOPs", lambda r: _cell(r["bops"], ",")),
     ("FLOPs", lambda r: _cell(r["flops"], ",")),
     ("OPs", lambda r: _cell(r["ops"], ",.0f")),
-    ("OPs reduction", lambda r: _cell(r["ops_reduction"], ".1f") + "x"),
+    ("OPs reduction", lambda r: _cell(r["ops_reduction"], ".1f", suffix="x")),
     ("train s/epoch", lambda r: _cell(r["train_s_per_epoch"], ".1f")),
 ]
 SEED_COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [

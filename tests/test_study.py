@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from didbq.cli import main
+from didbq.export.loader import export
 from didbq.study import TABLE_JSON, TABLE_MARKDOWN, load_study, run_study
 
 STUDY = Path(__file__).resolve().parent.parent / "studies" / "ci.yaml"
@@ -54,6 +55,16 @@ def test_the_table_is_written(finished: tuple[Path, dict, list[str]]) -> None:
     for run in RUNS:
         assert f"| {run} |" in markdown, run
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+def test_the_fp16_column_is_the_size_of_an_fp16_export(finished: tuple[Path, dict, list[str]],
+                                                        tmp_path: Path) -> None:
+    out, table, _ = finished
+    row = next(row for row in table["students"] if row["run"] == "didb-seed0")
+    written = export(out / "didb-seed0", tmp_path / "fp16.safetensors", fp_dtype="float16")
+    teacher_bytes = (out / "teacher" / "teacher.safetensors").stat().st_size
+    assert row["smaller_fp16"] == pytest.approx(teacher_bytes / written.stat().st_size, rel=0.01)
+    assert row["smaller_fp16"] > 1.3 * row["smaller"]  # most of a tiny model's packed file is fp32 parts
 
 
 def test_a_second_invocation_trains_nothing(finished: tuple[Path, dict, list[str]],
