@@ -111,6 +111,8 @@ class Student(Strict):
         "recipe", description="the recipe's stages; one: fully binary only; two: binary weights, then fully binary "
                               "(both built from the recipe's last stage)")
     seeds: list[int] | None = Field(None, min_length=1, description="default: [the study's seed]")
+    epochs: float | None = Field(None, gt=0, description="instead of budget.epochs or budget.steps: a longer or "
+                                                         "shorter schedule, to measure what the budget costs")
     description: str = ""
 
 
@@ -214,7 +216,9 @@ def _teacher_recipe(study: Study) -> Recipe:
 def _student_recipe(study: Study, student: Student, seed: int, base: Path) -> Recipe:
     """The student's recipe with the study's model, data, budget and seed; the teacher comes as a checkpoint."""
     data = recipe_data(student.recipe, base)
-    stages = _budgeted(_shaped(data.get("stages") or [], student.stages, student.recipe), study.budget)
+    budget = study.budget if student.epochs is None else \
+        study.budget.model_copy(update={"epochs": student.epochs, "steps": None})
+    stages = _budgeted(_shaped(data.get("stages") or [], student.stages, student.recipe), budget)
     data.update(name=f"{student.name}-seed{seed}", model={"args": study.model.args}, data=_data_section(study),
                 teacher={"pretrained": False}, stages=stages, run=_run_section(study, seed))
     return validated(Recipe, data, student.recipe)
@@ -441,6 +445,7 @@ COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("run", lambda r: r["run"]),
     ("recipe", lambda r: r["recipe"]),
     ("stages", lambda r: str(len(r["stages"]))),
+    ("epochs", lambda r: _cell(r["epochs"], "g")),
     ("seed", lambda r: str(r["seed"])),
     ("top-1 %", lambda r: _cell(r["top1"], ".2f")),
     ("below teacher", lambda r: _cell(r["below_teacher"], ".2f")),

@@ -117,6 +117,7 @@ BAD_STUDIES = {  # case -> (study text, what the one-line error must say)
     "repeated name": (GOOD.replace("name: reactnet", "name: xnor"), "unique (xnor repeated)"),
     "run seed": (GOOD.replace("run: {", "run: {seed: 3, "), "run.seed"),
     "bad name": (GOOD.replace("name: bit,", "name: b/t,"), "students.2.name"),
+    "zero epochs": (GOOD.replace("recipe: bit}", "recipe: bit, epochs: 0}"), "students.2.epochs"),
 }
 
 
@@ -153,12 +154,22 @@ def test_bad_invocations_are_one_line_errors(case: str, finished: tuple[Path, di
 
 
 def test_the_study_files_load() -> None:
-    """Both shipped studies validate, with the same budget for every student."""
+    """Both shipped studies validate, with the same budget for every student that does not set its own."""
     for name in ("ci", "fashion_mnist"):
         plan = load_study(STUDY.parent / f"{name}.yaml")
-        lengths = {sum(stage.epochs or stage.steps for stage in run.recipe.stages) for run in plan.students}
+        lengths = {sum(stage.epochs or stage.steps for stage in run.recipe.stages) for run in plan.students
+                   if run.student.epochs is None}
         assert len(lengths) == 1, (name, lengths)
         assert plan.teacher is not None
+
+
+def test_a_student_may_set_its_own_epochs(tmp_path: Path) -> None:
+    """A longer schedule for one student (budget.steps 40 for the others) is split over its stages."""
+    path = tmp_path / "study.yaml"
+    path.write_text(GOOD + "  - {name: bit-longer, recipe: bit, epochs: 3}\n")
+    runs = {run.name: run for run in load_study(path).students}
+    assert [(stage.epochs, stage.steps) for stage in runs["bit-longer-seed0"].recipe.stages] == [(1.5, None)] * 2
+    assert [(stage.epochs, stage.steps) for stage in runs["bit-seed0"].recipe.stages] == [(None, 20)] * 2
 
 
 def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

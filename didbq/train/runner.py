@@ -113,11 +113,6 @@ class Run:
 
     # ------------------------------------------------------------------ set-up
 
-    def _load_data(self) -> ImageData:
-        spec = self.recipe.data
-        return load_image_data(self.config.data, image_column=spec.image_column, label_column=spec.label_column,
-                               train_limit=spec.train_limit, test_limit=spec.test_limit, seed=self.recipe.data_seed)
-
     def _build_teacher(self, data: ImageData) -> tuple[nn.Module, bool]:
         """The full-precision teacher with a head for the data's classes, and whether it must be trained."""
         recipe, checkpoint = self.recipe, self.config.teacher_checkpoint
@@ -166,16 +161,6 @@ class Run:
             raise DidbqError("the recipe declares no stages (and trains no teacher); add at least one under `stages:`")
         return phases
 
-    def _datasets(self, data: ImageData, model: nn.Module) -> tuple[TransformedImages, TransformedImages]:
-        spec = self.recipe.data
-        transform = transform_spec_for(model, augment=spec.augment, input_size=spec.input_size, mean=spec.mean,
-                                       std=spec.std)
-        evaluation = transform_spec_for(model, augment="none", input_size=spec.input_size, mean=spec.mean,
-                                        std=spec.std)
-        seed = self.recipe.run.seed
-        return (TransformedImages(data.train, data, transform, train=True, seed=seed),
-                TransformedImages(data.test, data, evaluation, train=False, seed=seed))
-
     # ------------------------------------------------------------------ the run
 
     def execute(self) -> dict[str, Any]:
@@ -185,12 +170,12 @@ class Run:
         state = self._restore() if self.config.resume else RunState()
         torch.manual_seed(self.recipe.run.seed)
         random.seed(self.recipe.run.seed)
-        data = self._load_data()
+        data = load_data(self.config.data, self.recipe)
         teacher, train_teacher = self._build_teacher(data)
         if self.context.is_main and not self.config.resume:
             self._write_run_files(data)
         phases = self._phases(train_teacher)
-        train_set, test_set = self._datasets(data, teacher)
+        train_set, test_set = datasets_for(data, teacher, self.recipe)
         teacher.to(self.device)
         teacher_file = self.out / "teacher.safetensors"
         if phases[0].trains_teacher and state.phase > 0:
@@ -307,16 +292,6 @@ class Run:
         total = stage.steps if stage.steps is not None else max(1, math.ceil(stage.epochs * per_epoch))
         return per_epoch, total
 
-    def _calibrate(self, model: nn.Module, train_set: TransformedImages, global_batch: int) -> None:
-        """Data-aware initialisation (BiT scales, attention-probability scales) from the first global batch,
-        computed identically on every rank before DDP takes over."""
-        indices = epoch_order(len(train_set), 0, self.recipe.run.seed)[:global_batch].tolist()
-        train_set.set_epoch(0)
-        images = torch.stack([train_set[i][0] for i in indices]).to(self.device)
-        model.train()
-        with torch.no_grad():
-            model(images)
-
     def _train_phase(self, phase: Phase, model: nn.Module, kd_teacher: nn.Module | None,
                      train_set: TransformedImages, test_set: TransformedImages, state: RunState,
                      resume: dict[str, Any] | None) -> None:
@@ -337,7 +312,7 @@ class Run:
             torch.set_rng_state(resume["torch_rng"])
             start = resume["step"]
         elif not phase.trains_teacher and stage.activations == "binary":
-            self._calibrate(model, train_set, global_batch)
+            calibrate(model, train_set, global_batch, self.recipe.run.seed, self.device)
         model.train()
         trained = DistributedDataParallel(model, find_unused_parameters=True) if context.active else model
         taps = self._taps(model, kd_teacher, stage)
@@ -443,6 +418,37 @@ class Run:
 
 def _logits(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def load_data(source: str, recipe: Recipe) -> ImageData:
+    """The train and test images of `source` (what `--data` takes), limited as the recipe's `data:` says."""
+    spec = recipe.data
+    return load_image_data(source, image_column=spec.image_column, label_column=spec.label_column,
+                           train_limit=spec.train_limit, test_limit=spec.test_limit, seed=recipe.data_seed)
+
+
+def datasets_for(data: ImageData, model: nn.Module, recipe: Recipe) -> tuple[TransformedImages, TransformedImages]:
+    """The training split as the recipe augments it, and the test split as the model evaluates it."""
+    spec = recipe.data
+    transform = transform_spec_for(model, augment=spec.augment, input_size=spec.input_size, mean=spec.mean,
+                                   std=spec.std)
+    evaluation = transform_spec_for(model, augment="none", input_size=spec.input_size, mean=spec.mean,
+                                    std=spec.std)
+    seed = recipe.run.seed
+    return (TransformedImages(data.train, data, transform, train=True, seed=seed),
+            TransformedImages(data.test, data, evaluation, train=False, seed=seed))
+
+
+def calibrate(model: nn.Module, train_set: TransformedImages, batch: int, seed: int,
+              device: torch.device | str = "cpu") -> None:
+    """Data-aware initialisation (BiT scales, attention-probability scales) from the first batch of epoch 0,
+    the same on every rank, before DDP takes over."""
+    indices = epoch_order(len(train_set), 0, seed)[:batch].tolist()
+    train_set.set_epoch(0)
+    images = torch.stack([train_set[i][0] for i in indices]).to(device)
+    model.train()
+    with torch.no_grad():
+        model(images)
 
 
 def _binarize_as(model: nn.Module, stage: Stage) -> None:
