@@ -318,12 +318,18 @@ def _state(folder: Path, run: StudyRun, plan: StudyPlan) -> Literal["done", "res
 
 def _check_same(folder: Path, run: StudyRun, plan: StudyPlan) -> None:
     saved, recipe = read_run(folder)
-    found = {"model_name": saved["model_name"], "data_source": saved["data"], **recipe.effective()}
-    wanted = {"model_name": plan.study.model.name, "data_source": plan.study.data.source, **run.recipe.effective()}
+    found = {"model_name": saved["model_name"], "data_source": saved["data"], **_settings(recipe)}
+    wanted = {"model_name": plan.study.model.name, "data_source": plan.study.data.source, **_settings(run.recipe)}
     difference = _difference(found, wanted)
     if difference is not None:
         raise StudyError(f"{folder} was run with other settings than the study's ({difference}); delete the folder "
                          f"to run it again, or choose another --out")
+
+
+def _settings(recipe: Recipe) -> dict[str, Any]:
+    """What a run was trained with: the effective recipe without its prose (a reworded description is no reason
+    to train again)."""
+    return {key: value for key, value in recipe.effective().items() if key != "description"}
 
 
 def _difference(found: Any, wanted: Any, path: str = "") -> str | None:

@@ -133,6 +133,20 @@ def test_bad_study_files_are_one_line_errors(case: str, tmp_path: Path, capsys: 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_reworded_recipe_description_is_not_another_setting(finished: tuple[Path, dict, list[str]],
+                                                              tmp_path: Path) -> None:
+    out, table, _ = finished
+    recipe = tmp_path / "xnor.yaml"
+    recipe.write_text((STUDY.parent.parent / "recipes" / "xnor.yaml").read_text()
+                      .replace("description:", "description: reworded,", 1))
+    study = tmp_path / "study.yaml"
+    study.write_text(GOOD.replace("recipe: xnor", f"recipe: {recipe}"))
+    lines: list[str] = []
+    rows = run_study(study, out, only=["xnor"], progress=False, log=lines.append)["students"]
+    assert any("xnor-seed0: finished earlier, skipped" in line for line in lines), lines
+    assert [row["top1"] for row in rows] == [row["top1"] for row in table["students"]]
+
+
 @pytest.mark.parametrize("case", ["missing file", "unknown student", "changed study", "foreign folder"])
 def test_bad_invocations_are_one_line_errors(case: str, finished: tuple[Path, dict, list[str]], tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
