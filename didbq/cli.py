@@ -19,6 +19,10 @@ console = Console(width=None if sys.stdout.isatty() else 150)
 errors = Console(stderr=True)
 
 
+RECIPE_VARIANTS = (" NAME[key=value,...] changes fields without a new file: 'didb[hfsc=off]' (attention), "
+                   "'didb[linear.shortcut=false]', 'didb[into.MLP activation=rprelu]'.")
+
+
 def _parse_model_args(pairs: Iterable[str]) -> dict[str, Any]:
     """`key=value` pairs for timm.create_model; values are parsed as YAML scalars (ints, floats, bools)."""
     import yaml
@@ -45,7 +49,7 @@ def cli(debug: bool) -> None:
 @cli.command()
 @click.argument("model_name", metavar="MODEL")
 @click.option("--recipe", "-r", default="didb", show_default=True,
-              help="Recipe file, or a built-in recipe name (didb, xnor, bit, reactnet).")
+              help="Recipe file, or a built-in recipe name (didb, xnor, bit, reactnet)." + RECIPE_VARIANTS)
 @click.option("--model-arg", "-m", multiple=True, metavar="KEY=VALUE",
               help="timm.create_model argument on top of the recipe's model.args, e.g. -m img_size=160 "
                    "-m num_classes=10 (repeatable).")
@@ -75,7 +79,7 @@ def plan(model_name: str, recipe: str, model_arg: tuple[str, ...], as_json: bool
 @cli.command()
 @click.argument("model_name", metavar="MODEL", required=False)
 @click.option("--recipe", "-r", default=None, help="Recipe file or built-in name (default: didb; on --resume: the "
-                                                  "run's own recipe).")
+                                                  "run's own recipe)." + RECIPE_VARIANTS)
 @click.option("--data", "-d", default=None,
               help="Dataset: fashion-mnist, digits, a local image folder or parquet/arrow file, or a Hugging Face "
                    "hub name (needs a network).")
@@ -181,7 +185,7 @@ def evaluate_run(run_folder: Path, data: str | None, as_json: bool) -> None:
 @cli.command()
 @click.argument("target", metavar="RUN_OR_MODEL")
 @click.option("--recipe", "-r", default=None,
-              help="With MODEL: recipe file or built-in name (default: didb). A run carries its own.")
+              help="With MODEL: recipe file or built-in name (default: didb). A run carries its own." + RECIPE_VARIANTS)
 @click.option("--model-arg", "-m", multiple=True, metavar="KEY=VALUE",
               help="With MODEL: timm.create_model argument on top of the recipe's model.args (repeatable).")
 @click.option("--fp16", is_flag=True, help="With MODEL: measure the file with its full-precision parts in fp16.")

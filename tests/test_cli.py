@@ -38,6 +38,15 @@ def test_plan_table_shows_replacements_and_totals(capsys: pytest.CaptureFixture[
         assert text in out
 
 
+def test_recipe_option_takes_a_variant_with_overrides(capsys: pytest.CaptureFixture[str]) -> None:
+    bops = {}
+    for spec in ("didb[hfsc=separate]", "didb[hfsc=off]"):
+        code, out, _ = run(["plan", "test_vit", "--recipe", spec, "--json"], capsys)
+        assert code == 0
+        bops[spec] = json.loads(out)["totals"]["bops"]
+    assert bops["didb[hfsc=off]"] < bops["didb[hfsc=separate]"]  # HFSC's added projection and products
+
+
 def test_model_args_reach_timm(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(["plan", "test_vit", "-r", "xnor", "-m", "num_classes=10", "-m", "img_size=64", "--json"],
                        capsys)

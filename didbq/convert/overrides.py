@@ -1,4 +1,5 @@
-"""Recipe variants for ablations, written `recipe[key=value,...]` (the syntax of benchmarks/bench_step.py).
+"""Recipe variants written `recipe[key=value,...]`, accepted wherever a recipe is named (`--recipe`, study
+files, benchmarks): one switch without copying a recipe file.
 
 `didb[hfsc=off,local=off]` sets fields of the recipe's `attention:` section; `variant=<preset>` replaces that
 whole section by a preset; `linear.<option>=<value>` sets an option of every binary_linear rule;

@@ -357,8 +357,14 @@ def read_recipe_text(recipe: str | Path) -> tuple[Path, str]:
 
 
 def load_recipe(recipe: str | Path | Recipe) -> Recipe:
-    """A validated Recipe from a file path, a built-in recipe name, or a Recipe (returned as is)."""
+    """A validated Recipe from a file path, a built-in recipe name, a variant of either written
+    `name[key=value,...]` (didbq.convert.overrides: `didb[differential=true,hfsc=separate]`), or a Recipe
+    (returned as is)."""
     if isinstance(recipe, Recipe):
         return recipe
+    if isinstance(recipe, str) and "[" in recipe and not Path(recipe).exists():
+        from didbq.convert.overrides import recipe_data  # builds on this module's readers
+
+        return validated(Recipe, recipe_data(recipe), recipe)
     path, text = read_recipe_text(recipe)
     return parse_recipe(text, str(path))

@@ -74,3 +74,23 @@ def test_bad_recipe_gives_one_line_error_naming_the_problem(text: str, expected:
 def test_missing_recipe_file_lists_the_builtins(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="no such recipe file.*didb"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+def test_a_recipe_variant_loads_by_name_with_its_overrides() -> None:
+    recipe = load_recipe("didb[hfsc=off,linear.shortcut=false,into.MLP activation=rprelu]")
+    assert recipe.attention.resolve().hfsc == "off"
+    linear, activation = recipe.binarize.rules
+    assert linear.options["shortcut"] is False and activation.into == "rprelu"
+    assert load_recipe("didb").attention.resolve().hfsc != "off"  # the built-in file itself is unchanged
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("didb[hfsc=sometimes]", "didb[hfsc=sometimes]: attention.hfsc: Input should be"),
+    ("didb[hfsc]", "override 'hfsc' is not key=value"),
+    ("didb[hfsc=off", "overrides must end with ']'"),
+    ("didb[into.nothing=rprelu]", "no rule named 'nothing'"),
+])
+def test_a_bad_recipe_variant_gives_one_line_error(spec: str, expected: str) -> None:
+    with pytest.raises(RecipeError) as error:
+        load_recipe(spec)
+    assert expected in str(error.value) and "\n" not in str(error.value)
