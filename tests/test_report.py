@@ -94,8 +94,9 @@ def test_json_has_everything(deit_small: Report) -> None:
 
 def test_a_written_file_reports_what_the_analytic_report_says(tmp_path: Path) -> None:
     model = didbq.build_model("test_vit")
-    analytic = report_for_model("test_vit", "didb")
-    conversion = didbq.convert.convert(model, "didb")
+    paper_didb = "didb[differential=true,hfsc=separate]"  # with HFSC's added projections
+    analytic = report_for_model("test_vit", paper_didb)
+    conversion = didbq.convert.convert(model, paper_didb)
     path = write_packed(model, tmp_path / "model.safetensors", model_name="test_vit", model_args={},
                         recipe=conversion.recipe, extra={"results": {"s1": {"top1": 50.0, "top5": 90.0}}})
     measured = report_for_file(path)

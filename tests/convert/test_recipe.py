@@ -28,9 +28,12 @@ def test_recipe_by_path_and_by_name_are_the_same() -> None:
     assert load_recipe(Path("recipes/didb.yaml")) == load_recipe("didb")
 
 
-def test_didb_recipe_resolves_to_the_method_defaults() -> None:
+def test_didb_recipe_turns_off_what_the_study_measured_worse() -> None:
     options = load_recipe("didb").attention.resolve()
-    assert (options.aggregation, options.hfsc, options.local, options.probs) == ("diba", "separate", "laplacian", "bit")
+    assert (options.aggregation, options.local, options.probs) == ("diba", "laplacian", "bit")
+    assert (options.differential, options.hfsc) == (False, "off")  # docs/results.md, the Fashion-MNIST study
+    paper = ATTENTION_VARIANTS["didb"]  # the preset keeps the paper's form
+    assert (paper.differential, paper.hfsc) == (True, "separate")
     assert [s.activations for s in load_recipe("didb").stages] == ["fp", "binary"]
 
 
@@ -81,7 +84,7 @@ def test_a_recipe_variant_loads_by_name_with_its_overrides() -> None:
     assert recipe.attention.resolve().hfsc == "off"
     linear, activation = recipe.binarize.rules
     assert linear.options["shortcut"] is False and activation.into == "rprelu"
-    assert load_recipe("didb").attention.resolve().hfsc != "off"  # the built-in file itself is unchanged
+    assert load_recipe("didb").binarize.rules[1].into == "token_rprelu"  # the built-in file itself is unchanged
 
 
 @pytest.mark.parametrize("spec, expected", [

@@ -20,6 +20,7 @@ from didbq.train.data import TransformedImages, load_image_data, transform_spec_
 MODEL = "vit_tiny_patch16_224"
 ARGS = {"img_size": 28, "patch_size": 7, "depth": 2, "embed_dim": 32, "num_heads": 2, "in_chans": 1,
         "num_classes": 10}
+PAPER_DIDB = "didb[differential=true,hfsc=separate]"  # the paper's form: HFSC's added projections are packed too
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,8 @@ def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("recipe, weights, activations", [
-    ("didb", True, True), ("didb", True, False), ("didb", False, False), ("xnor", True, True), ("bit", True, True)])
+    ("didb", True, True), (PAPER_DIDB, True, True), (PAPER_DIDB, True, False), (PAPER_DIDB, False, False),
+    ("xnor", True, True), ("bit", True, True)])
 def test_loaded_logits_are_bit_identical(recipe: str, weights: bool, activations: bool,
                                          images: dict[str, torch.Tensor], tmp_path: Path) -> None:
     model, conversion = trained(recipe, images, weights, activations)
@@ -80,7 +82,7 @@ def test_loaded_logits_are_bit_identical(recipe: str, weights: bool, activations
 
 
 def test_words_of_32_bits_and_a_re_export_are_exact(images: dict[str, torch.Tensor], tmp_path: Path) -> None:
-    model, conversion = trained("didb", images)
+    model, conversion = trained(PAPER_DIDB, images)
     first = write(model, conversion, tmp_path / "a.safetensors")
     words = load(write(model, conversion, tmp_path / "b.safetensors", word_bits=32))
     assert torch.equal(logits(words, images["test"]), logits(model, images["test"]))
@@ -89,7 +91,7 @@ def test_words_of_32_bits_and_a_re_export_are_exact(images: dict[str, torch.Tens
 
 
 def test_fp16_parts_make_a_smaller_file_that_loads(images: dict[str, torch.Tensor], tmp_path: Path) -> None:
-    model, conversion = trained("didb", images)
+    model, conversion = trained(PAPER_DIDB, images)
     full = write(model, conversion, tmp_path / "fp32.safetensors")
     half = write(model, conversion, tmp_path / "fp16.safetensors", fp_dtype="float16")
     assert half.stat().st_size < 0.8 * full.stat().st_size
