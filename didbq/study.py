@@ -19,7 +19,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from pydantic import Field, model_validator
 
-from didbq.convert.overrides import recipe_data
+from didbq.convert.overrides import recipe_data, reshaped_stages
 from didbq.convert.recipe import (
     DataSection,
     Optimizer,
@@ -226,15 +226,9 @@ def _student_recipe(study: Study, student: Student, seed: int, base: Path) -> Re
 
 def _shaped(stages: list[dict[str, Any]], mode: str, spec: str) -> list[dict[str, Any]]:
     """The recipe's stages, or one / two stages built from its last stage (its optimizer, schedule and loss)."""
-    if not stages:
-        raise RecipeError(f"{spec}: the recipe declares no stages")
-    if mode == "recipe":
+    if mode == "recipe" and stages:
         return stages
-    last = {**stages[-1], "weights": "binary", "activations": "binary", "init_from": None}
-    if mode == "one":
-        return [{**last, "name": "fully-binary", "teacher": "teacher"}]
-    return [{**last, "name": "binary-weights", "activations": "fp", "teacher": "teacher"},
-            {**last, "name": "fully-binary", "init_from": "binary-weights"}]
+    return reshaped_stages(stages, mode, spec)  # also the one-line error for a recipe without stages
 
 
 def _budgeted(stages: list[dict[str, Any]], budget: Budget) -> list[dict[str, Any]]:

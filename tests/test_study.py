@@ -16,7 +16,7 @@ from didbq.study import TABLE_JSON, TABLE_MARKDOWN, load_study, run_study
 
 STUDY = Path(__file__).resolve().parent.parent / "studies" / "ci.yaml"
 RUNS = ["teacher", "xnor-seed0", "reactnet-seed0", "bit-seed0", "didb-seed0", "didb-seed1",
-        "didb-no-hfsc-one-stage-seed0"]
+        "didb-paper-seed0"]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_every_student_trains_and_beats_chance(finished: tuple[Path, dict, list[
         assert row["bops"] > 0 and row["ops_reduction"] > 10 and row["smaller"] > 3
         assert row["train_s_per_epoch"] > 0 and row["epochs"] == pytest.approx(40 // len(row["stages"]) *
                                                                                len(row["stages"]) / (1497 // 64))
-    assert [len(row["stages"]) for row in table["students"]] == [1, 2, 2, 2, 2, 1]
+    assert [len(row["stages"]) for row in table["students"]] == [1, 2, 2, 1, 1, 2]
     assert table["seeds"][0]["student"] == "didb" and table["seeds"][0]["seeds"] == [0, 1]
     assert sum(line.endswith(": training") for line in lines) == len(RUNS)
 
@@ -109,8 +109,8 @@ BAD_STUDIES = {  # case -> (study text, what the one-line error must say)
     "unknown key": (GOOD.replace("steps: 40", "steps: 40\n  epoch: 2"), "line 19: budget.epoch: unknown key"),
     "both lengths": (GOOD.replace("steps: 40", "steps: 40\n  epochs: 2"), "exactly one of epochs or steps"),
     "unknown recipe": (GOOD.replace("recipe: xnor", "recipe: nope"), "students.0.recipe: nope: no such recipe"),
-    "bad override": (GOOD.replace("didb[hfsc=off]", "didb[hfsc=sometimes]"), "attention.hfsc"),
-    "unknown rule": (GOOD.replace("didb[hfsc=off]", "didb[drop_rule=nope]"), "no rule named 'nope'"),
+    "bad override": (GOOD.replace("hfsc=separate", "hfsc=sometimes"), "attention.hfsc"),
+    "unknown rule": (GOOD.replace("hfsc=separate", "drop_rule=nope"), "no rule named 'nope'"),
     "no teacher": (GOOD.replace("  train: {steps: 200", "  epochs: {steps: 200"), "teacher.epochs: unknown key"),
     "teacher from nothing": (GOOD.replace("teacher:\n  train: {steps: 200, optimizer: {lr: 3.0e-3, "
                                           "scale_lr_with_batch: false}}", "teacher: {}"), "give teacher.train"),

@@ -4,7 +4,8 @@ files, benchmarks): one switch without copying a recipe file.
 `didb[hfsc=off,local=off]` sets fields of the recipe's `attention:` section; `variant=<preset>` replaces that
 whole section by a preset; `linear.<option>=<value>` sets an option of every binary_linear rule;
 `into.<rule name>=<replacement>` changes what a named rule turns its modules into (`into.MLP activation=rprelu`:
-plain instead of token-wise RPReLU); `drop_rule=<rule name>` removes a rule (its modules stay as they are).
+plain instead of token-wise RPReLU); `drop_rule=<rule name>` removes a rule (its modules stay as they are);
+`stages=one` trains fully binary only, `stages=two` binary weights first (both built from the recipe's last stage).
 Values are YAML scalars. The result is the recipe as data, for the caller to adjust and validate.
 """
 from __future__ import annotations
@@ -42,6 +43,35 @@ def _rules_named(rules: list[dict[str, Any]], name: str, spec: str) -> list[dict
     return named
 
 
+STAGE_SHAPES = ("one", "two")
+
+
+def reshaped_stages(stages: list[dict[str, Any]], shape: str, spec: str) -> list[dict[str, Any]]:
+    """One stage (fully binary) or two (binary weights, then fully binary) built from the last of `stages` (its
+    optimizer, schedule and loss), sharing the recipe's total length evenly."""
+    if not stages:
+        raise RecipeError(f"{spec}: the recipe declares no stages")
+    if shape not in STAGE_SHAPES:
+        raise RecipeError(f"{spec}: stages={shape} is not one of {', '.join(STAGE_SHAPES)}")
+    count = STAGE_SHAPES.index(shape) + 1
+    last = {**stages[-1], "weights": "binary", "activations": "binary", "init_from": None,
+            **_shared_length(stages, count, spec)}
+    if shape == "one":
+        return [{**last, "name": "fully-binary", "teacher": "teacher"}]
+    return [{**last, "name": "binary-weights", "activations": "fp", "teacher": "teacher"},
+            {**last, "name": "fully-binary", "init_from": "binary-weights"}]
+
+
+def _shared_length(stages: list[dict[str, Any]], count: int, spec: str) -> dict[str, Any]:
+    """{epochs or steps: the stages' total divided by `count`}."""
+    for unit in ("epochs", "steps"):
+        lengths = [stage.get(unit) for stage in stages]
+        if all(isinstance(length, (int, float)) for length in lengths):
+            total = sum(lengths)
+            return {unit: total / count if unit == "epochs" else max(1, int(total) // count)}
+    raise RecipeError(f"{spec}: to reshape its stages, give every stage its length in epochs, or every one in steps")
+
+
 def apply_override(data: dict[str, Any], key: str, raw: str, spec: str) -> None:
     """Apply one `key=value` override (see the module docstring) to recipe data, in place."""
     value = yaml.safe_load(raw)
@@ -58,6 +88,8 @@ def apply_override(data: dict[str, Any], key: str, raw: str, spec: str) -> None:
             raise RecipeError(f"{spec}: the recipe has no binary_linear rule")
         for rule in targets:
             rule.setdefault("options", {})[key.removeprefix("linear.")] = value
+    elif key == "stages":
+        data["stages"] = reshaped_stages(data.get("stages") or [], str(value), spec)
     elif key == "variant":
         data["attention"] = {"variant": value}  # the preset alone: drop the recipe's own settings
     else:

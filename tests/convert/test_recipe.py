@@ -34,7 +34,7 @@ def test_didb_recipe_turns_off_what_the_study_measured_worse() -> None:
     assert (options.differential, options.hfsc) == (False, "off")  # docs/results.md, the Fashion-MNIST study
     paper = ATTENTION_VARIANTS["didb"]  # the preset keeps the paper's form
     assert (paper.differential, paper.hfsc) == (True, "separate")
-    assert [s.activations for s in load_recipe("didb").stages] == ["fp", "binary"]
+    assert [s.activations for s in load_recipe("didb").stages] == ["binary"]  # one stage measured better than two
 
 
 def test_attention_overrides_apply_on_top_of_the_variant() -> None:
@@ -87,7 +87,18 @@ def test_a_recipe_variant_loads_by_name_with_its_overrides() -> None:
     assert load_recipe("didb").binarize.rules[1].into == "token_rprelu"  # the built-in file itself is unchanged
 
 
+def test_stages_override_reshapes_the_schedule_and_keeps_its_length() -> None:
+    two = load_recipe("didb[stages=two]").stages
+    one = load_recipe("didb[stages=one]").stages
+    assert [(s.name, s.weights, s.activations, s.init_from) for s in two] == [
+        ("binary-weights", "binary", "fp", None), ("fully-binary", "binary", "binary", "binary-weights")]
+    assert [(s.name, s.activations) for s in one] == [("fully-binary", "binary")]
+    assert sum(s.epochs for s in two) == sum(s.epochs for s in one) == sum(s.epochs for s in load_recipe("didb").stages)
+    assert two[0].optimizer == one[0].optimizer == load_recipe("didb").stages[-1].optimizer
+
+
 @pytest.mark.parametrize("spec, expected", [
+    ("didb[stages=three]", "stages=three is not one of one, two"),
     ("didb[hfsc=sometimes]", "didb[hfsc=sometimes]: attention.hfsc: Input should be"),
     ("didb[hfsc]", "override 'hfsc' is not key=value"),
     ("didb[hfsc=off", "overrides must end with ']'"),
@@ -97,3 +108,12 @@ def test_a_bad_recipe_variant_gives_one_line_error(spec: str, expected: str) -> 
     with pytest.raises(RecipeError) as error:
         load_recipe(spec)
     assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_stages_reshape_in_steps_too_but_not_in_mixed_units(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.yaml"
+    path.write_text("name: mixed\nstages:\n  - {name: a, epochs: 1}\n  - {name: b, steps: 10, init_from: a}\n")
+    with pytest.raises(RecipeError, match="every stage its length in epochs, or every one in steps"):
+        load_recipe(f"{path}[stages=one]")
+    path.write_text("name: steps\nstages:\n  - {name: a, steps: 9}\n  - {name: b, steps: 10, init_from: a}\n")
+    assert [s.steps for s in load_recipe(f"{path}[stages=two]").stages] == [9, 9]
