@@ -25,8 +25,8 @@ $(FASHION_MNIST):
 
 data: $(FASHION_MNIST)
 
-# The offline quickstart: a small ViT teacher trained on Fashion-MNIST, then the DIDB student distilled in two
-# stages, evaluated and written to runs/quick (a few minutes on 2 cores).
+# The offline quickstart: a small ViT teacher trained on Fashion-MNIST, then the DIDB student distilled fully
+# binary, evaluated and written to runs/quick (a few minutes on 2 cores).
 demo: install data
 	$(BIN)/didbq plan vit_tiny_patch16_224 --recipe recipes/quick.yaml -m num_classes=10
 	$(BIN)/didbq binarize vit_tiny_patch16_224 --recipe recipes/quick.yaml --data fashion-mnist --out runs/quick --force
