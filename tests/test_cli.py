@@ -31,7 +31,7 @@ def test_plan_json_has_the_totals(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_plan_table_shows_replacements_and_totals(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(["plan", "test_vit", "--recipe", "recipes/didb.yaml[differential=true,hfsc=separate]",
+    code, out, _ = run(["plan", "test_vit", "--recipe", "recipes/didb.yaml[aggregation=diba,differential=true,hfsc=separate]",
                        "--layers"], capsys)
     assert code == 0
     for text in ("Replaced modules", "blocks.*.attn.qkv", "token_rprelu", "Full precision", "classifier head",

@@ -94,7 +94,7 @@ def test_json_has_everything(deit_small: Report) -> None:
 
 def test_a_written_file_reports_what_the_analytic_report_says(tmp_path: Path) -> None:
     model = didbq.build_model("test_vit")
-    paper_didb = "didb[differential=true,hfsc=separate]"  # with HFSC's added projections
+    paper_didb = "didb[aggregation=diba,differential=true,hfsc=separate]"  # with HFSC's added projections
     analytic = report_for_model("test_vit", paper_didb)
     conversion = didbq.convert.convert(model, paper_didb)
     path = write_packed(model, tmp_path / "model.safetensors", model_name="test_vit", model_args={},

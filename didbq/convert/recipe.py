@@ -358,7 +358,7 @@ def read_recipe_text(recipe: str | Path) -> tuple[Path, str]:
 
 def load_recipe(recipe: str | Path | Recipe) -> Recipe:
     """A validated Recipe from a file path, a built-in recipe name, a variant of either written
-    `name[key=value,...]` (didbq.convert.overrides: `didb[differential=true,hfsc=separate]`), or a Recipe
+    `name[key=value,...]` (didbq.convert.overrides: `didb[aggregation=diba,differential=true,hfsc=separate]`), or a Recipe
     (returned as is)."""
     if isinstance(recipe, Recipe):
         return recipe

@@ -30,10 +30,10 @@ def test_recipe_by_path_and_by_name_are_the_same() -> None:
 
 def test_didb_recipe_turns_off_what_the_study_measured_worse() -> None:
     options = load_recipe("didb").attention.resolve()
-    assert (options.aggregation, options.local, options.probs) == ("diba", "laplacian", "bit")
-    assert (options.differential, options.hfsc) == (False, "off")  # docs/results.md, the Fashion-MNIST study
+    assert (options.aggregation, options.differential, options.hfsc) == ("plain", False, "off")  # docs/results.md
+    assert options.probs == "bit" and options.ensure_one_key
     paper = ATTENTION_VARIANTS["didb"]  # the preset keeps the paper's form
-    assert (paper.differential, paper.hfsc) == (True, "separate")
+    assert (paper.aggregation, paper.differential, paper.hfsc) == ("diba", True, "separate")
     assert [s.activations for s in load_recipe("didb").stages] == ["binary"]  # one stage measured better than two
 
 

@@ -20,7 +20,7 @@ from didbq.train.data import TransformedImages, load_image_data, transform_spec_
 MODEL = "vit_tiny_patch16_224"
 ARGS = {"img_size": 28, "patch_size": 7, "depth": 2, "embed_dim": 32, "num_heads": 2, "in_chans": 1,
         "num_classes": 10}
-PAPER_DIDB = "didb[differential=true,hfsc=separate]"  # the paper's form: HFSC's added projections are packed too
+PAPER_DIDB = "didb[aggregation=diba,differential=true,hfsc=separate]"  # the paper's form: HFSC's added projections are packed too
 
 
 @pytest.fixture(scope="module")
