@@ -20,7 +20,7 @@ errors = Console(stderr=True)
 
 
 RECIPE_VARIANTS = (" NAME[key=value,...] changes fields without a new file: 'didb[hfsc=off]' (attention), "
-                   "'didb[linear.shortcut=false]', 'didb[into.MLP activation=rprelu]'.")
+                   "'didb[linear.shortcut=false]', 'didb[into.MLP activation=rprelu]', 'didb[stages=two]'.")
 
 
 def _parse_model_args(pairs: Iterable[str]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from didbq.cli import main
+from didbq.convert.recipe import PAPER_DIDB
 from didbq.errors import DidbqError
 
 
@@ -31,8 +32,7 @@ def test_plan_json_has_the_totals(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_plan_table_shows_replacements_and_totals(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(["plan", "test_vit", "--recipe", "recipes/didb.yaml[aggregation=diba,differential=true,hfsc=separate]",
-                       "--layers"], capsys)
+    code, out, _ = run(["plan", "test_vit", "--recipe", PAPER_DIDB, "--layers"], capsys)
     assert code == 0
     for text in ("Replaced modules", "blocks.*.attn.qkv", "token_rprelu", "Full precision", "classifier head",
                  "BOPs", "blocks.0.attn.binary_core.q·kᵀ band 1"):

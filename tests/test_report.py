@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import didbq
-from didbq.convert.recipe import parse_recipe
+from didbq.convert.recipe import PAPER_DIDB, parse_recipe
 from didbq.errors import DidbqError
 from didbq.export import write_packed
 from didbq.report import Report, check_file, reference_macs, report_for_file, report_for_model
@@ -94,9 +94,8 @@ def test_json_has_everything(deit_small: Report) -> None:
 
 def test_a_written_file_reports_what_the_analytic_report_says(tmp_path: Path) -> None:
     model = didbq.build_model("test_vit")
-    paper_didb = "didb[aggregation=diba,differential=true,hfsc=separate]"  # with HFSC's added projections
-    analytic = report_for_model("test_vit", paper_didb)
-    conversion = didbq.convert.convert(model, paper_didb)
+    analytic = report_for_model("test_vit", PAPER_DIDB)  # with HFSC's added projections
+    conversion = didbq.convert.convert(model, PAPER_DIDB)
     path = write_packed(model, tmp_path / "model.safetensors", model_name="test_vit", model_args={},
                         recipe=conversion.recipe, extra={"results": {"s1": {"top1": 50.0, "top5": 90.0}}})
     measured = report_for_file(path)

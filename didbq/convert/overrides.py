@@ -5,7 +5,8 @@ files, benchmarks): one switch without copying a recipe file.
 whole section by a preset; `linear.<option>=<value>` sets an option of every binary_linear rule;
 `into.<rule name>=<replacement>` changes what a named rule turns its modules into (`into.MLP activation=rprelu`:
 plain instead of token-wise RPReLU); `drop_rule=<rule name>` removes a rule (its modules stay as they are);
-`stages=one` trains fully binary only, `stages=two` binary weights first (both built from the recipe's last stage).
+`stages=one` trains fully binary only, `stages=two` binary weights first (built from the recipe's last stage,
+the same total length).
 Values are YAML scalars. The result is the recipe as data, for the caller to adjust and validate.
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _rules_named(rules: list[dict[str, Any]], name: str, spec: str) -> list[dict
     return named
 
 
-STAGE_SHAPES = ("one", "two")
+STAGE_COUNTS = {"one": 1, "two": 2}
 
 
 def reshaped_stages(stages: list[dict[str, Any]], shape: str, spec: str) -> list[dict[str, Any]]:
@@ -51,11 +52,10 @@ def reshaped_stages(stages: list[dict[str, Any]], shape: str, spec: str) -> list
     optimizer, schedule and loss), sharing the recipe's total length evenly."""
     if not stages:
         raise RecipeError(f"{spec}: the recipe declares no stages")
-    if shape not in STAGE_SHAPES:
-        raise RecipeError(f"{spec}: stages={shape} is not one of {', '.join(STAGE_SHAPES)}")
-    count = STAGE_SHAPES.index(shape) + 1
+    if shape not in STAGE_COUNTS:
+        raise RecipeError(f"{spec}: stages={shape} is not one of {', '.join(STAGE_COUNTS)}")
     last = {**stages[-1], "weights": "binary", "activations": "binary", "init_from": None,
-            **_shared_length(stages, count, spec)}
+            **_shared_length(stages, STAGE_COUNTS[shape], spec)}
     if shape == "one":
         return [{**last, "name": "fully-binary", "teacher": "teacher"}]
     return [{**last, "name": "binary-weights", "activations": "fp", "teacher": "teacher"},

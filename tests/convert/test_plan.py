@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import didbq
-from didbq.convert.recipe import parse_recipe
+from didbq.convert.recipe import PAPER_DIDB, parse_recipe
 from didbq.convert.walker import convert
 from didbq.errors import RecipeError, UnsupportedModelError
 
@@ -41,7 +41,7 @@ def test_deit_tiny_baseline_matches_the_hand_count() -> None:
 
 
 def test_didb_reports_the_extra_bops_of_hfsc(deit_small_xnor) -> None:
-    didb = didbq.plan(didbq.build_model("deit_small_patch16_224"), "didb[aggregation=diba,differential=true,hfsc=separate]")
+    didb = didbq.plan(didbq.build_model("deit_small_patch16_224"), PAPER_DIDB)
     tokens, dim, heads = 197, 384, 6
     high_band_projection = tokens * dim * 2 * dim
     high_band_product = heads * tokens * tokens * (dim // heads)

@@ -10,6 +10,7 @@ from badfiles import BAD_FILES, bad_file
 from safetensors.torch import load_file
 
 import didbq
+from didbq.convert.recipe import PAPER_DIDB
 from didbq.convert.walker import convert
 from didbq.errors import DidbqError
 from didbq.export import load, load_into, read_packed, write_packed
@@ -20,7 +21,6 @@ from didbq.train.data import TransformedImages, load_image_data, transform_spec_
 MODEL = "vit_tiny_patch16_224"
 ARGS = {"img_size": 28, "patch_size": 7, "depth": 2, "embed_dim": 32, "num_heads": 2, "in_chans": 1,
         "num_classes": 10}
-PAPER_DIDB = "didb[aggregation=diba,differential=true,hfsc=separate]"  # the paper's form: HFSC's added projections are packed too
 
 
 @pytest.fixture(scope="module")
