@@ -6,8 +6,9 @@ import re
 import sys
 import warnings
 from collections import Counter, OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import click
 from rich.console import Console
@@ -19,6 +20,9 @@ console = Console(width=None if sys.stdout.isatty() else 150)
 errors = Console(stderr=True)
 
 
+RUNTIME_CHOICES = ("auto", "packed", "reference")
+RUNTIME_HELP = ("packed: popcount kernels on packed weights; reference: the float path; auto: packed where the "
+                "kernels build here, else the float path with a warning.")
 RECIPE_VARIANTS = (" NAME[key=value,...] changes fields without a new file: 'didb[hfsc=off]' (attention), "
                    "'didb[linear.shortcut=false]', 'didb[into.MLP activation=rprelu]', 'didb[stages=two]'.")
 
@@ -156,8 +160,9 @@ def _print_results(results: dict[str, dict[str, float]], out: Path) -> None:
 @cli.command(name="eval")
 @click.argument("run_folder", type=click.Path(path_type=Path))
 @click.option("--data", "-d", default=None, help="Dataset (default: the run's own).")
+@click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default="auto", show_default=True, help=RUNTIME_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def evaluate_run(run_folder: Path, data: str | None, as_json: bool) -> None:
+def evaluate_run(run_folder: Path, data: str | None, runtime: str, as_json: bool) -> None:
     """Top-1 / top-5 of the trained student in RUN_FOLDER on the test split of --data."""
     import didbq  # noqa: F401
     from didbq.train.data import TransformedImages, load_image_data, transform_spec_for
@@ -167,7 +172,7 @@ def evaluate_run(run_folder: Path, data: str | None, as_json: bool) -> None:
     from didbq.train.run_folder import load_student, read_run
 
     run, recipe = read_run(run_folder)
-    model = load_student(run_folder)
+    model = load_student(run_folder, runtime)
     spec = recipe.data
     images = load_image_data(data or run["data"], image_column=spec.image_column, label_column=spec.label_column,
                              test_limit=spec.test_limit, seed=recipe.data_seed)
@@ -177,9 +182,9 @@ def evaluate_run(run_folder: Path, data: str | None, as_json: bool) -> None:
     transform = transform_spec_for(model, augment="none", input_size=spec.input_size, mean=spec.mean, std=spec.std)
     result = evaluate(model, TransformedImages(images.test, images, transform, train=False), spec.eval_batch_size)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps({**result, "runtime": _runtime_in_use(runtime)}, indent=2))
     else:
-        _print_results({"student": result}, run_folder)
+        _print_results({f"student ({_runtime_in_use(runtime)})": result}, run_folder)
 
 
 @cli.command()
@@ -242,6 +247,56 @@ def export(source: Path, out: Path, form: str, fp16: bool, word_bits: str, force
     written = export_model(source, out, format=form, fp_dtype="float16" if fp16 else "float32",
                            word_bits=int(word_bits), force=force)
     console.print(f"wrote {written} ({written.stat().st_size:,} bytes, {form})")
+
+
+def _runtime_in_use(runtime: str) -> str:
+    from didbq.runtime import kernel_name, kernels
+
+    return "reference" if runtime == "reference" or kernels() is None else f"packed, {kernel_name()}"
+
+
+@cli.command()
+@click.argument("target", metavar="RUN|FILE|MODEL")
+@click.option("--recipe", "-r", default=None, help="With MODEL: recipe file or built-in name (default: didb).")
+@click.option("--model-arg", "-m", multiple=True, metavar="KEY=VALUE",
+              help="With MODEL: timm.create_model argument on top of the recipe's model.args (repeatable).")
+@click.option("--batch", "-b", "batches", multiple=True, type=int, default=(1,), show_default=True,
+              help="Batch size (repeatable: --batch 1 --batch 32).")
+@click.option("--threads", "-t", type=int, default=None, help="torch threads (default: torch's own setting).")
+@click.option("--rounds", type=int, default=10, show_default=True, help="Timed rounds (after 2 warm-up rounds).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
+def bench(target: str, recipe: str | None, model_arg: tuple[str, ...], batches: tuple[int, ...],
+          threads: int | None, rounds: int, as_json: bool) -> None:
+    """Latency of the fp32 timm model, the binary model on the float path and on the packed runtime, side by
+    side: alternating rounds in one process, median / min / max, images/s, speed-ups, the bytes of parameters
+    each model holds and which kernel ran. TARGET is a run folder, a packed file, or a timm model name
+    converted (untrained) by --recipe."""
+    import didbq  # noqa: F401  (torchvision guard before timm)
+    from didbq.runtime.bench import LABELS, MODELS
+    from didbq.runtime.bench import bench as run_bench
+
+    with console.status("timing ...") if not as_json else _nothing():
+        result = run_bench(target, recipe, _parse_model_args(model_arg), tuple(batches), threads, rounds)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"{result['model']} ({target}): {result['threads']} thread(s), kernel {result['kernel']}, "
+                        f"median of {result['rounds']} rounds", title_justify="left")
+    for column in ("batch", *(LABELS[name] for name in MODELS), "packed vs fp32", "packed vs float path",
+                   "max |packed - float|"):
+        table.add_column(column, justify="right")
+    for row in result["results"]:
+        times = [f"{row[name]['median_ms']:.1f} ms ({row[name]['images_per_s']:.0f}/s)" for name in MODELS]
+        table.add_row(str(row["batch"]), *times, f"{row['speedup_packed_vs_fp32']:.2f}x",
+                      f"{row['speedup_packed_vs_reference']:.2f}x", f"{row['max_abs_difference']:.2g}")
+    console.print(table)
+    held = ", ".join(f"{LABELS[name]} {result['held_bytes'][name] / 2**20:.2f} MiB" for name in MODELS)
+    console.print(f"parameters held: {held}")
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 @cli.command()

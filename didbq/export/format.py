@@ -28,7 +28,7 @@ from torch import nn
 
 from didbq.errors import DidbqError
 from didbq.export.packing import pack_signs, signs_as_values
-from didbq.nn.binarizers import ActivationBinarizer, binarize_weight
+from didbq.nn.binarizers import ActivationBinarizer
 from didbq.nn.linear import BinaryLinear
 from didbq.train.checkpoint import atomic_path
 
@@ -77,11 +77,15 @@ class PackedFile:
 
 def binary_parts(layer: BinaryLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """(signs as booleans, True = +1; per-row scale [rows, 1]) of the binary weight `layer` uses in forward."""
-    weight = layer.weight.detach()
-    if layer.weight_is_binary:  # already signs * scale; signbit keeps the sign of a zero scale (-0.0)
-        return ~torch.signbit(weight), weight.abs().amax(dim=1, keepdim=True)
-    signs, scale = binarize_weight(weight)
-    return signs > 0, scale
+    signs, scale = layer.binary_weight()
+    return signs.detach() > 0, scale.detach()
+
+
+def refuse_inference_only(model: nn.Module) -> None:
+    """A model on the packed runtime (didbq.runtime) has no BinaryLinear left to pack: say what to do instead."""
+    if any(getattr(module, "inference_only", False) for module in model.modules()):
+        raise DidbqError("this model runs on the packed runtime and cannot be written again; load it with "
+                         "didbq.load(path, runtime='reference'), or use `didbq export`")
 
 
 def binary_layers(model: nn.Module) -> dict[str, BinaryLinear]:
@@ -101,6 +105,7 @@ def packed_tensors(model: nn.Module, fp_dtype: torch.dtype = torch.float32, word
                    ) -> dict[str, torch.Tensor]:
     """The tensors of the packed file: binary weights as packed signs, shape and scale; the rest of the state
     at its own dtype, floating-point tensors cast to `fp_dtype`."""
+    refuse_inference_only(model)
     layers = binary_layers(model)
     tensors: dict[str, torch.Tensor] = {}
     for key, tensor in model.state_dict().items():
@@ -177,6 +182,7 @@ def write_float(model: nn.Module, path: Path, *, model_name: str, model_args: di
                 fp_dtype: torch.dtype | str = torch.float32, extra: dict[str, Any] | None = None) -> Path:
     """The unpacked state dict for inspection: each binary weight expanded to signs * scale under `weight`."""
     dtype, fp_name = _dtype(fp_dtype)
+    refuse_inference_only(model)
     layers = binary_layers(model)
     tensors = {}
     for key, tensor in model.state_dict().items():

@@ -64,9 +64,15 @@ def rebuild(path: Path | str) -> Loaded:
     return Loaded(model.eval(), conversion, packed)
 
 
-def load(path: Path | str) -> nn.Module:
-    """The model in a packed file or run folder, rebuilt, in eval mode, on the CPU (see the module docstring)."""
-    return rebuild(path).model
+def load(path: Path | str, runtime: str = "auto") -> nn.Module:
+    """The model in a packed file or run folder, rebuilt, in eval mode, on the CPU (see the module docstring).
+
+    `runtime`: "reference" runs the binary layers as floats (torch's kernels); "packed" keeps their weights
+    packed and runs popcount kernels (didbq.runtime; an error where they cannot be built); "auto" (default) is
+    packed where the kernels are available and otherwise the float path, with one warning saying why."""
+    from didbq.runtime import use_runtime
+
+    return use_runtime(rebuild(path).model, runtime)
 
 
 def load_into(model: nn.Module, path: Path | str) -> nn.Module:
@@ -127,7 +133,7 @@ def apply_packed(model: nn.Module, packed: PackedFile) -> None:
             tensors = {part: packed.tensors[f"{name}.{part}"] for part in (PACKED, SHAPE, SCALE)}
             columns = int(tensors[SHAPE][1])
             signs = signs_as_values(unpack_signs(tensors[PACKED], columns), layer.weight.dtype)
-            layer.fix_binary_weight(signs * tensors[SCALE].to(layer.weight.dtype))
+            layer.fix_binary_weight(signs, tensors[SCALE])
         else:
             layer.binarize_weights = False
     activations = packed.metadata["binarization"].get("activations", True)

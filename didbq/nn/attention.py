@@ -7,7 +7,7 @@ attention changes the scores between q·kᵀ and softmax. Every choice of method
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +94,9 @@ class _ElasticUnsigned(torch.autograd.Function):
         return grad_probs, grad_scale, None
 
 
+SHORT_MANTISSA_BITS = 12  # 24 - 12: sums of up to 2^12 - 1 multiples of a stay exact
+
+
 class ProbabilityBinarizer(ActivationBinarizer):
     """Turns softmax rows into {0, a} with a learnable per-head scale a, initialised from the first batch."""
 
@@ -126,13 +129,22 @@ class ProbabilityBinarizer(ActivationBinarizer):
             return probs >= probs.sum(-1, keepdim=True) / valid
         return probs >= 0.25 * probs.amax(-1, keepdim=True)
 
+    def value(self) -> torch.Tensor:
+        """The a of {0, a} per head, [heads, 1, 1], rounded to SHORT_MANTISSA_BITS significant bits (gradient
+        straight through): A_b V then sums at most 2^11 terms ±a exactly in fp32, in any order, so the float
+        path, batched or not, and the packed kernel (an integer count times a) agree to the last bit."""
+        scale = self.scale.abs().clamp_min(1e-6)
+        mantissa, exponent = torch.frexp(scale.detach())
+        rounded = torch.ldexp(torch.round(mantissa * 2.0 ** SHORT_MANTISSA_BITS) / 2.0 ** SHORT_MANTISSA_BITS, exponent)
+        return scale + (rounded - scale.detach())
+
     def binarize(self, probs: torch.Tensor) -> torch.Tensor:
         if self.kind == "softmax":
             return probs
         if self.training and not bool(self.initialised):
             with torch.no_grad():
                 self._initialise(probs)
-        scale = self.scale.abs().clamp_min(1e-6)
+        scale = self.value()
         if self.kind == "bit":
             return _ElasticUnsigned.apply(probs, scale, self.ensure_one_key)
         mask = self._mask(probs).to(probs.dtype)
@@ -254,9 +266,7 @@ class BinaryAttention(nn.Module):
         The scale and band weights multiply the binary queries ([N, D]) rather than the products ([N, N]), and
         the bands are concatenated along the head dimension so that one batched product sums them.
         """
-        self.last_call = {"batch": q.shape[:-3].numel(), "query_dims": q.dim(), "heads": q.shape[-3],
-                          "queries": q.shape[-2], "keys": k.shape[-2], "head_dim": q.shape[-1],
-                          "value_dim": k.shape[-1]}
+        self.record_call(q, k)
         bands = self._bands(q, k)
         if bands is None:
             return (self.q_binarizers[0](q) * scale) @ self.k_binarizers[0](k).transpose(-2, -1)
@@ -265,6 +275,12 @@ class BinaryAttention(nn.Module):
                              in zip(self.q_binarizers, q_bands, self.band_weights)], dim=-1)
         keys = torch.cat([binarizer(band) for binarizer, band in zip(self.k_binarizers, k_bands)], dim=-1)
         return queries @ keys.transpose(-2, -1)
+
+    def record_call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
+        """Keep the shapes of this call for `products` (the report's count of binary operations)."""
+        self.last_call = {"batch": q.shape[:-3].numel(), "query_dims": q.dim(), "heads": q.shape[-3],
+                          "queries": q.shape[-2], "keys": k.shape[-2], "head_dim": q.shape[-1],
+                          "value_dim": (k if v is None else v).shape[-1]}
 
     def probabilities(self, scores: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
         """softmax, then the probability binarizer (adapters that mix heads in between call the two apart)."""
@@ -279,14 +295,19 @@ class BinaryAttention(nn.Module):
         v = self.v_binarizer(v)
         out = probs @ v
         if self.diba and probs.shape[-2] == probs.shape[-1]:
-            shortcut = self.shortcut if self.shortcut is not None else 1.0
-            if self.options.differential:
-                shortcut = shortcut - probs.sum(-1, keepdim=True)
-            out = out + shortcut * v
-            if self.local_weight is not None:
-                local = local_difference(v, self.layout, self.options.local, self.options.prefix_tokens)
-                out = out + self.local_weight * local
+            out = self.diba_terms(out, v, lambda: probs.sum(-1, keepdim=True))
         return self.output_norm(out) if self.output_norm is not None else out
+
+    def diba_terms(self, out: torch.Tensor, v: torch.Tensor, row_sums: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """DIBA's terms added to A_b V (binary V): s V - diag(A_b 1) V + l Lap(V); `row_sums` gives A_b 1."""
+        shortcut = self.shortcut if self.shortcut is not None else 1.0
+        if self.options.differential:
+            shortcut = shortcut - row_sums()
+        out = out + shortcut * v
+        if self.local_weight is not None:
+            local = local_difference(v, self.layout, self.options.local, self.options.prefix_tokens)
+            out = out + self.local_weight * local
+        return out
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,

@@ -32,13 +32,51 @@ def add_shortcut(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y + x.unflatten(-1, (channels // width, width)).mean(dim=-2)
 
 
+class _ScaledSignLinear(torch.autograd.Function):
+    """y = (x @ signsᵀ) * scale + bias: the binary product first, then one multiply by the row scale.
+
+    With ±1 inputs the product is an exact integer in fp32 whatever the summation order, so this form is
+    reproducible to the last bit by didbq's packed kernel (popcount, then the same multiply and add). Backward
+    costs what F.linear(x, signs * scale, bias) costs: the scale's gradient is a row sum of the weight gradient,
+    so no [tokens, out] activation is kept.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor,  # noqa: ANN001 (autograd protocol)
+                bias: torch.Tensor | None) -> torch.Tensor:
+        y = F.linear(x, signs)
+        y = y.mul_(scale.to(y.dtype))
+        if bias is not None:
+            y = y.add_(bias.to(y.dtype))
+        ctx.save_for_backward(x, signs, scale)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        x, signs, scale = ctx.saved_tensors
+        need_x, need_signs, need_scale, need_bias = ctx.needs_input_grad
+        grad_x = grad_signs = grad_scale = grad_bias = None
+        if need_x:
+            grad_x = (grad @ (signs * scale.unsqueeze(1)).to(grad.dtype)).to(x.dtype)
+        flat = grad.reshape(-1, grad.shape[-1])
+        if need_signs or need_scale:
+            grad_weight = (flat.transpose(0, 1) @ x.reshape(-1, x.shape[-1]).to(grad.dtype)).to(signs.dtype)
+            grad_signs = grad_weight * scale.unsqueeze(1) if need_signs else None
+            grad_scale = (grad_weight * signs).sum(1).to(scale.dtype) if need_scale else None
+        if ctx.has_bias and need_bias:
+            grad_bias = flat.sum(0).to(scale.dtype)
+        return grad_x, grad_signs, grad_scale, grad_bias
+
+
 class BinaryLinear(nn.Module):
     """A drop-in replacement for nn.Linear with binary weights and inputs.
 
     `weight` stays the latent full-precision weight (trained); the binary weight is derived in forward.
     `binarize_weights` / `input_binarizer.enabled` switch each half off for full-precision mode.
-    A layer loaded from a packed file holds its binary weight itself (`fix_binary_weight`): `weight` is then
-    signs * scale and forward uses it as it is (`weight_is_binary`).
+    A layer loaded from a packed file holds its binary weight itself (`fix_binary_weight`): `weight` then holds
+    the signs, the non-persistent buffer `fixed_scale` the row scale, and nothing is binarized again
+    (`weight_is_binary`). Binary weights multiply as (x @ signsᵀ) * scale + bias (see _ScaledSignLinear).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_binarizer: str = "rsign",
@@ -52,7 +90,8 @@ class BinaryLinear(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
         self.input_binarizer: ActivationBinarizer = ACTIVATION_BINARIZERS[input_binarizer](in_features, surrogate)
         self.binarize_weights = True
-        self.weight_is_binary = False  # True once fix_binary_weight stored signs * scale in `weight`
+        self.weight_is_binary = False  # True once fix_binary_weight stored the signs in `weight`
+        self.register_buffer("fixed_scale", None, persistent=False)
         # A shortcut needs one width to divide the other (e.g. not eva's 192 -> 1024 SwiGLU); elsewhere it is off.
         self.shortcut = shortcut and widths_match(in_features, out_features)
         self.norm = nn.LayerNorm(out_features) if norm == "layernorm" else nn.Identity()
@@ -68,19 +107,26 @@ class BinaryLinear(nn.Module):
                 layer.bias.copy_(linear.bias)
         return layer
 
-    def fix_binary_weight(self, weight: torch.Tensor) -> None:
-        """Make `weight`, an already binary weight (signs * per-row scale, e.g. unpacked from a packed file), the
-        weight forward uses as it is: no latent weight is kept and nothing is binarized again, so the output is
-        bit-identical to that of the latent model it came from."""
+    def fix_binary_weight(self, signs: torch.Tensor, scale: torch.Tensor) -> None:
+        """Make signs (±1, e.g. unpacked from a packed file) times the per-row `scale` the weight forward uses as
+        it is: no latent weight is kept and nothing is binarized again, so the output is bit-identical to that of
+        the latent model it came from."""
         with torch.no_grad():
-            self.weight.copy_(weight)
+            self.weight.copy_(signs)
+        self.fixed_scale = scale.detach().reshape(-1, 1).to(self.weight.dtype).clone()
         self.binarize_weights = True
         self.weight_is_binary = True
 
+    def binary_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(signs in {-1, +1}, per-row scale [out, 1]) of the binary weight forward uses."""
+        if self.weight_is_binary:
+            return self.weight, self.fixed_scale
+        return binarize_weight(self.weight)
+
     def effective_weight(self) -> torch.Tensor:
-        if not self.binarize_weights or self.weight_is_binary:
+        if not self.binarize_weights:
             return self.weight
-        signs, scale = binarize_weight(self.weight)
+        signs, scale = self.binary_weight()
         return signs * scale
 
     @property
@@ -88,7 +134,12 @@ class BinaryLinear(nn.Module):
         return self.input_binarizer.enabled and self.input_binarizer.output_is_binary
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(self.input_binarizer(x), self.effective_weight(), self.bias)
+        inputs = self.input_binarizer(x)
+        if self.binarize_weights:
+            signs, scale = self.binary_weight()
+            y = _ScaledSignLinear.apply(inputs, signs, scale.reshape(-1), self.bias)
+        else:
+            y = F.linear(inputs, self.weight, self.bias)
         y = self.norm(y)
         return self.act(add_shortcut(y, x) if self.shortcut else y)
 

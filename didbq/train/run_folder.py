@@ -19,9 +19,9 @@ def read_run(folder: Path) -> tuple[dict[str, Any], Recipe]:
     return json.loads(run_file.read_text()), load_recipe(recipe_file)
 
 
-def load_student(folder: Path) -> nn.Module:
+def load_student(folder: Path, runtime: str = "auto") -> nn.Module:
     """The trained binary student of a run, in eval mode, as its packed model.safetensors holds it (binarized as
-    in the recipe's last stage; bit-identical to the model the run ended with)."""
+    in the recipe's last stage; bit-identical to the model the run ended with), on `runtime` (didbq.load)."""
     from didbq.export.loader import load
 
-    return load(folder)
+    return load(folder, runtime)

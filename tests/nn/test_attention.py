@@ -180,7 +180,8 @@ def test_probability_binarizer_takes_two_values_per_head(variant: str, training:
     q, k, v = qkv(queries=TOKENS)
     core(q * 3, k * 3, v, attn_mask=MASKS[mask]())
     probs = seen["probs"]
-    scale = core.prob_binarizer.scale.detach().abs()
+    scale = core.prob_binarizer.value().detach().flatten()
+    assert torch.allclose(scale, core.prob_binarizer.scale.detach().abs().flatten(), rtol=2.0 ** -12)
     for head in range(HEADS):
         values = set(probs[:, head].flatten().tolist())
         assert values == {0.0, scale[head].item()}, (head, values)
@@ -218,7 +219,7 @@ def test_bit_probability_gradients_match_straight_through_composition(ensure: bo
     upstream = torch.randn(2, 3, 7, 7)
     grad_probs, grad_scale = torch.autograd.grad((binarizer(probs) * upstream).sum(), [probs, binarizer.scale])
 
-    a = binarizer.scale.detach().clone().requires_grad_()
+    a = binarizer.value().detach().clone().requires_grad_()  # a to 12 significant bits, gradient straight through
     leaf = probs.detach().clone().requires_grad_()
     clipped = (leaf / a).clamp(0.0, 1.0)
     rounded = clipped + (clipped.round() - clipped).detach()
@@ -246,7 +247,9 @@ def test_probability_binarizer_masks_by_hand() -> None:
     bit = ProbabilityBinarizer(1, "bit", 0.75, False).eval()
     with torch.no_grad():
         bit.scale.fill_(0.4)
-    assert torch.allclose(bit(probs).flatten(), torch.tensor([0.4, 0.4, 0.0, 0.0]))  # round(clip(A/a))
+    a = bit.value().item()  # 0.4 to 12 significant bits
+    assert a == pytest.approx(0.4, rel=2.0 ** -12)
+    assert bit(probs).flatten().tolist() == [a, a, 0.0, 0.0]  # round(clip(A/a))
     softmax = ProbabilityBinarizer(1, "softmax", 0.75, True).train()
     assert torch.equal(softmax(probs), probs) and not softmax.output_is_binary
     assert not bool(softmax.initialised)
@@ -266,7 +269,7 @@ def test_binary_forward_equals_binary_products_by_hand(differential: bool) -> No
     out = core(q, k, v)
     qb, kb, vb = hard_sign(q), hard_sign(k), hard_sign(v)
     probs = torch.softmax(qb @ kb.transpose(-2, -1) * HEAD_DIM ** -0.5, dim=-1)
-    a = core.prob_binarizer.scale.detach()
+    a = core.prob_binarizer.value().detach()
     ones = torch.round((probs / a).clamp(0, 1))
     ones = torch.maximum(ones, (probs == probs.amax(-1, keepdim=True)).float())
     ab = a * ones

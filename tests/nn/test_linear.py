@@ -188,3 +188,30 @@ def test_extra_repr_reports_modes() -> None:
     assert "weights=binary" in repr(layer) and "inputs=binary" in repr(layer) and "shortcut=True" in repr(layer)
     set_binarization(layer, weights=False, activations=False)
     assert "weights=fp" in repr(layer) and "inputs=fp" in repr(layer)
+
+
+@pytest.mark.parametrize("binarizer", ["rsign", "bit_signed", "identity"])
+def test_scaled_sign_product_has_the_gradients_of_the_plain_product(binarizer: str) -> None:
+    """(x @ signsᵀ) * scale + bias is F.linear(x, signs * scale, bias) computed so that ±1 inputs give an exact
+    integer before the one multiply; forward and every gradient agree with the plain form."""
+    torch.manual_seed(1)
+    layer = BinaryLinear.from_linear(nn.Linear(24, 12), input_binarizer=binarizer)
+    x = torch.randn(5, 3, 24, requires_grad=True)
+    layer.train()
+    layer(x).square().sum().backward()
+    ours = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    x.grad = None
+    layer.zero_grad()
+    signs, scale = binarize_weight(layer.weight)
+    F.linear(layer.input_binarizer(x), signs * scale, layer.bias).square().sum().backward()
+    plain = [x.grad] + [p.grad for p in layer.parameters()]
+    for got, expected in zip(ours, plain):
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_binary_products_of_sign_inputs_are_exact_integers_times_the_scale() -> None:
+    layer = BinaryLinear(300, 7, bias=False)
+    x = torch.randn(4, 300)
+    signs, scale = layer.binary_weight()
+    integers = (hard_sign(x + layer.input_binarizer.shift).long() @ signs.long().T).float()
+    assert torch.equal(layer(x).detach(), integers * scale.reshape(-1))

@@ -83,10 +83,12 @@ def test_a_run_writes_its_folder_and_the_loss_falls(reference: Path) -> None:
     assert (reference / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_eval_reproduces_the_final_accuracy(reference: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    main(["eval", str(reference), "--json"])
+@pytest.mark.parametrize("runtime", ["packed", "reference"])
+def test_eval_reproduces_the_final_accuracy(runtime: str, reference: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["eval", str(reference), "--runtime", runtime, "--json"])
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["top1"] == json.loads((reference / "results.json").read_text())["s2"]["top1"]
+    assert evaluated["runtime"].startswith(runtime)
 
 
 def test_the_packed_model_is_the_trained_student(reference: Path) -> None:
