@@ -2,6 +2,7 @@
 binary model fast")."""
 from __future__ import annotations
 
+import gc
 import warnings
 
 from torch import nn
@@ -9,6 +10,7 @@ from torch import nn
 from didbq.errors import DidbqError
 from didbq.runtime.build import Kernels, kernels, require_kernels, unavailable_reason
 from didbq.runtime.modules import PackedBinaryLinear, pack_for_inference, packable
+from didbq.train.allocator import release_freed_memory
 
 RUNTIMES = ("auto", "packed", "reference")
 _warned = {"fallback": False}
@@ -39,4 +41,6 @@ def use_runtime(model: nn.Module, runtime: str = "auto") -> nn.Module:
         return model.eval()
     require_kernels()
     pack_for_inference(model)
+    gc.collect()  # the float weights the packed layers replaced
+    release_freed_memory()
     return model

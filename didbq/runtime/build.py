@@ -32,8 +32,8 @@ _SIGNATURES = {
     "didbq_has_openmp": ((), _INT),
     "didbq_pack_rows": ((_P, _P, _I64, _I64, _P, _INT, _INT), None),
     "didbq_binary_linear": ((_P, _P, _I64, _I64, _P, _I64, _P, _P, _P, _INT, _INT), None),
-    "didbq_binary_attention": ((_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, ctypes.c_float, _INT, _P,
-                                _INT, _P, _P, _INT, _INT), None),
+    "didbq_binary_attention": ((_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, ctypes.c_float, _INT,
+                                _P, _INT, _P, _P, _INT, _INT), None),
 }
 
 

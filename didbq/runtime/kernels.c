@@ -272,7 +272,8 @@ typedef struct {
     int32_t (*xor_counts)(const uint64_t *q, const uint64_t *kT, int64_t DW, int64_t NK, int64_t NKP, int32_t *c);
     void (*and_counts)(const uint64_t *m, const uint64_t *vT, int64_t JW, int64_t DP, int32_t *acc);
     float (*lane_sum)(const int32_t *c, int32_t least, const float *values, int64_t NKP);
-    void (*pack_columns)(const float *x, const float *shift, int64_t R, int64_t C, int64_t CP, uint64_t *out);
+    void (*pack_columns)(const float *x, int64_t stride, const float *shift, int64_t R, int64_t C, int64_t CP,
+                         uint64_t *out);
     void (*prefix_mask)(const int32_t *c, int32_t cutoff, int64_t NKP, uint64_t *mask);
 } attention_fns;
 
@@ -314,15 +315,16 @@ static float lane_sum_portable(const int32_t *c, int32_t least, const float *val
     return reduce_lanes(lanes);
 }
 
-/* The signs of x [R][C] (+ shift per column) packed along the rows: bit r % 64 of out[(r / 64) * CP + c] is
- * set when x[r][c] + shift[c] >= 0 (CP >= C: the padded row length of out). */
-static void pack_columns(const float *x, const float *shift, int64_t R, int64_t C, int64_t CP, uint64_t *out) {
+/* The signs of x [R][C] (rows `stride` floats apart, + shift per column) packed along the rows: bit r % 64 of
+ * out[(r / 64) * CP + c] is set when x[r][c] + shift[c] >= 0 (CP >= C: the padded row length of out). */
+static void pack_columns(const float *x, int64_t stride, const float *shift, int64_t R, int64_t C, int64_t CP,
+                         uint64_t *out) {
     memset(out, 0, sizeof(uint64_t) * (size_t)(((R + 63) / 64) * CP));
     for (int64_t r = 0; r < R; r++) {
         uint64_t bit = (uint64_t)1 << (r & 63);
         uint64_t *row = out + (r / 64) * CP;
         for (int64_t c = 0; c < C; c++) {
-            float value = shift ? x[r * C + c] + shift[c] : x[r * C + c];
+            float value = shift ? x[r * stride + c] + shift[c] : x[r * stride + c];
             if (value >= 0.0f) row[c] |= bit;
         }
     }
@@ -361,8 +363,8 @@ AVX512 static int32_t xor_counts_avx512(const uint64_t *q, const uint64_t *kT, i
     return (int32_t)_mm512_reduce_min_epi64(least);
 }
 
-AVX512 static void pack_columns_avx512(const float *x, const float *shift, int64_t R, int64_t C, int64_t CP,
-                                       uint64_t *out) {
+AVX512 static void pack_columns_avx512(const float *x, int64_t stride, const float *shift, int64_t R, int64_t C,
+                                       int64_t CP, uint64_t *out) {
     memset(out, 0, sizeof(uint64_t) * (size_t)(((R + 63) / 64) * CP));
     const __m512 zero = _mm512_setzero_ps();
     for (int64_t r = 0; r < R; r++) {
@@ -370,7 +372,7 @@ AVX512 static void pack_columns_avx512(const float *x, const float *shift, int64
         uint64_t *row = out + (r / 64) * CP;
         for (int64_t c = 0; c < C; c += 8) {
             __mmask8 valid = C - c >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (C - c)) - 1);
-            __m256 value = _mm256_maskz_loadu_ps(valid, x + r * C + c);
+            __m256 value = _mm256_maskz_loadu_ps(valid, x + r * stride + c);
             if (shift) value = _mm256_add_ps(value, _mm256_maskz_loadu_ps(valid, shift + c));
             __mmask8 on = _mm512_mask_cmp_ps_mask(valid, _mm512_castps256_ps512(value), zero, _CMP_GE_OQ);
             __m512i words = _mm512_loadu_si512(row + c);
@@ -441,7 +443,8 @@ static int32_t mask_cutoff(const float *table, float total, int64_t D, int kind,
     return cutoff < 0 && ensure_one_key ? 0 : cutoff;
 }
 
-static void attention_head(const float *q, const float *k, const float *v, int64_t N, int64_t NK, int64_t D,
+static void attention_head(const float *q, const float *k, const float *v, const int64_t *rows, int64_t N,
+                           int64_t NK, int64_t D,
                            const float *q_shift, const float *k_shift, const float *v_shift, const float *table,
                            int kind, float a, int ensure_one_key, float *out, float *counts, int isa) {
     int64_t DW = (D + 63) / 64, JW = (NK + 63) / 64, NKP = (NK + LANES - 1) / LANES * LANES, DP = (D + 7) / 8 * 8;
@@ -453,11 +456,11 @@ static void attention_head(const float *q, const float *k, const float *v, int64
     uint64_t *mask = malloc(sizeof(uint64_t) * (size_t)((NKP + 63) / 64));
     int32_t *c = malloc(sizeof(int32_t) * (size_t)(NKP > DP ? NKP : DP));
     if (!q_bits || !k_bits || !kT || !vT || !mask || !c) goto done;
-    for (int64_t i = 0; i < N; i++) pack_row(isa, q + i * D, q_shift, D, q_bits + i * DW);
-    for (int64_t j = 0; j < NK; j++) pack_row(isa, k + j * D, k_shift, D, k_bits + j * DW);
+    for (int64_t i = 0; i < N; i++) pack_row(isa, q + i * rows[0], q_shift, D, q_bits + i * DW);
+    for (int64_t j = 0; j < NK; j++) pack_row(isa, k + j * rows[1], k_shift, D, k_bits + j * DW);
     for (int64_t w = 0; w < DW; w++)
         for (int64_t j = 0; j < NKP; j++) kT[w * NKP + j] = j < NK ? k_bits[j * DW + w] : 0;
-    fns.pack_columns(v, v_shift, NK, D, DP, vT);
+    fns.pack_columns(v, rows[2], v_shift, NK, D, DP, vT);
     int32_t far = (int32_t)(D + 1); /* table[far] = 0: padding keys count nothing and are never on */
     for (int64_t i = 0; i < N; i++) {
         int32_t least = fns.xor_counts(q_bits + i * DW, kT, DW, NK, NKP, c);
@@ -483,19 +486,23 @@ done:
     free(q_bits), free(k_bits), free(kT), free(vT), free(mask), free(c);
 }
 
-/* q [BH][N][D], k and v [BH][NK][D] fp32; shifts [D] or NULL; prob_scale [H] (a per head, bh % H);
- * out [BH][N][D]; counts [BH][N] or NULL. */
-void didbq_binary_attention(const float *q, const float *k, const float *v, int64_t BH, int64_t H, int64_t N,
-                            int64_t NK, int64_t D, const float *q_shift, const float *k_shift, const float *v_shift,
-                            float scale, int kind, const float *prob_scale, int ensure_one_key, float *out,
-                            float *counts, int isa, int threads) {
+/* q [B][H][N][D], k and v [B][H][NK][D] fp32, the last dimension contiguous; strides (in floats) of batch, head
+ * and token for q, k and v in that order (9 values); shifts [D] or NULL; prob_scale [H] (a per head);
+ * out [B][H][N][D] contiguous; counts [B][H][N] or NULL. */
+void didbq_binary_attention(const float *q, const float *k, const float *v, const int64_t *strides, int64_t B,
+                            int64_t H, int64_t N, int64_t NK, int64_t D, const float *q_shift, const float *k_shift,
+                            const float *v_shift, float scale, int kind, const float *prob_scale, int ensure_one_key,
+                            float *out, float *counts, int isa, int threads) {
     float *table = calloc((size_t)(D + 2), sizeof(float)); /* table[D + 1] = 0: padding keys */
     if (!table) return;
     for (int64_t t = 0; t <= D; t++) table[t] = expf(-2.0f * scale * (float)t);
-#pragma omp parallel for num_threads(threads) if (threads > 1 && BH > 1) schedule(static)
-    for (int64_t bh = 0; bh < BH; bh++)
-        attention_head(q + bh * N * D, k + bh * NK * D, v + bh * NK * D, N, NK, D, q_shift, k_shift, v_shift, table,
-                       kind, prob_scale[bh % H], ensure_one_key, out + bh * N * D, counts ? counts + bh * N : NULL,
-                       isa);
+    const int64_t rows[3] = {strides[2], strides[5], strides[8]};
+#pragma omp parallel for num_threads(threads) if (threads > 1 && B * H > 1) schedule(static)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        int64_t b = bh / H, h = bh % H;
+        attention_head(q + b * strides[0] + h * strides[1], k + b * strides[3] + h * strides[4],
+                       v + b * strides[6] + h * strides[7], rows, N, NK, D, q_shift, k_shift, v_shift, table, kind,
+                       prob_scale[h], ensure_one_key, out + bh * N * D, counts ? counts + bh * N : NULL, isa);
+    }
     free(table);
 }

@@ -63,7 +63,11 @@ class PackedBinaryAttention(BinaryAttention):
 
     @classmethod
     def adopt(cls, core: BinaryAttention) -> None:
+        """Make `core` (in eval mode, its parameters final) a PackedBinaryAttention, in place."""
         core.__class__ = cls
+        binarizers = (core.q_binarizers[0], core.k_binarizers[0], core.v_binarizer)
+        core.kernel_shifts = [float_vector(getattr(b, "shift", None)) for b in binarizers]
+        core.kernel_scale = float_vector(core.prob_binarizer.value())
 
     def _fused(self, q: torch.Tensor, attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool) -> bool:
         return (not self.training and attn_mask is None and not is_causal and (dropout_p == 0 or not self.training)
@@ -77,9 +81,7 @@ class PackedBinaryAttention(BinaryAttention):
         if not self._fused(q, attn_mask, dropout_p, is_causal) or k.shape[-3] != q.shape[-3]:
             return super().forward(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         self.record_call(q, k, v)
-        binarizers = (self.q_binarizers[0], self.k_binarizers[0], self.v_binarizer)
-        shifts = [float_vector(getattr(b, "shift", None)) for b in binarizers]
-        prob_scale = float_vector(self.prob_binarizer.value())
+        shifts, prob_scale = self.kernel_shifts, self.kernel_scale
         out, ones = call("binary_attention", q, k, v, *shifts, prob_scale,
                          float(q.shape[-1] ** -0.5 if scale is None else scale), self.prob_binarizer.kind,
                          self.prob_binarizer.ensure_one_key)

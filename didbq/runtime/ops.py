@@ -94,14 +94,14 @@ def _binary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_shift
                       scale: float, kind: str, ensure_one_key: bool, isa: str = ""
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     kernels = require_kernels()
-    q, k, v = (t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
-               for t in (q, k, v))
-    *batch, queries, dim = q.shape
-    heads = batch[-1] if batch else 1
-    out = torch.empty_like(q)
-    counts = torch.empty(*batch, queries, 1, dtype=torch.float32)
+    q, k, v = (t if t.dtype == torch.float32 and t.stride(-1) == 1 else t.to(torch.float32).contiguous()
+               for t in (q, k, v))  # any strides with contiguous rows: no copy of timm's permuted q, k, v
+    batch, heads, queries, dim = q.shape
+    out = torch.empty(batch, heads, queries, dim, dtype=torch.float32)
+    counts = torch.empty(batch, heads, queries, 1, dtype=torch.float32)
+    strides = torch.tensor([s for t in (q, k, v) for s in t.stride()[:3]], dtype=torch.int64)
     kernels.library.didbq_binary_attention(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), q[..., 0, 0].numel(), heads, queries, k.shape[-2], dim,
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), strides.data_ptr(), batch, heads, queries, k.shape[-2], dim,
         _pointer(q_shift), _pointer(k_shift), _pointer(v_shift), scale, PROBABILITY_KINDS.index(kind),
         prob_scale.data_ptr(), int(ensure_one_key), out.data_ptr(), counts.data_ptr(),
         kernels.isa_number(isa or None), torch.get_num_threads())
@@ -112,7 +112,7 @@ def _binary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_shift
 def binary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_shift: Optional[torch.Tensor],
                      k_shift: Optional[torch.Tensor], v_shift: Optional[torch.Tensor], prob_scale: torch.Tensor,
                      scale: float, kind: str, ensure_one_key: bool, isa: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """The binary attention core on [..., heads, tokens, dim] tensors, fused (kernels.c): sign bits of q, k, v
+    """The binary attention core on [batch, heads, tokens, dim] tensors, fused (kernels.c): sign bits of q, k, v
     (x + shift >= 0), scores (dim - 2 popcount(q ^ k)) * scale, softmax, the {0, 1} mask of `kind` (threshold,
     bit, bivit) with the row maximum kept if `ensure_one_key`, and a * mask @ sign(v) by popcount; a is
     `prob_scale` per head. Returns (out, ones per row [..., tokens, 1])."""

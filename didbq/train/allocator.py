@@ -36,3 +36,17 @@ def retain_freed_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return all(mallopt(option, value) == 1 for option, value in
                ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, NEVER_TRIM), (M_ARENA_MAX, 1)))
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the system (glibc malloc_trim), e.g. after a packed model was built
+    from a float one, so the process's resident memory shows what the model holds rather than what building it
+    took. Returns False where the C library is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    return bool(malloc_trim(0))
