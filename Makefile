@@ -26,12 +26,14 @@ $(FASHION_MNIST):
 data: $(FASHION_MNIST)
 
 # The offline quickstart: a small ViT teacher trained on Fashion-MNIST, then the DIDB student distilled fully
-# binary, evaluated and written to runs/quick (a few minutes on 2 cores).
+# binary, evaluated (on the packed runtime), written to runs/quick, and timed against fp32 (a few minutes on
+# 2 cores).
 demo: install data
 	$(BIN)/didbq plan vit_tiny_patch16_224 --recipe recipes/quick.yaml -m num_classes=10
 	$(BIN)/didbq binarize vit_tiny_patch16_224 --recipe recipes/quick.yaml --data fashion-mnist --out runs/quick --force
 	$(BIN)/didbq eval runs/quick
 	$(BIN)/didbq report runs/quick --plot runs/quick/report.png
+	$(BIN)/didbq bench runs/quick --batch 1 --batch 32 --threads 1
 
 plan-demo: install
 	$(BIN)/didbq plan deit_small_patch16_224 --recipe recipes/didb.yaml

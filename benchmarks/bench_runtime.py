@@ -21,9 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-import didbq  # noqa: E402
 from bench_convert import cpu_model, git_commit  # noqa: E402
+
 from didbq.export.packing import pack_signs  # noqa: E402
 from didbq.runtime import kernels  # noqa: E402
 from didbq.runtime import ops as runtime_ops  # noqa: E402
@@ -45,30 +44,31 @@ def median_ms(function, rounds: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def layer_row(name: str, columns: int, outputs: int, tokens: int, paths: tuple[str, ...], rounds: int) -> dict:
+    """One layer shape: fp32 F.linear and the binary kernel (input binarization and packing included) on every
+    code path, alternating per round; the median of each and the speed-ups."""
+    x, weight = torch.randn(tokens, columns), torch.randn(outputs, columns)
+    shift, alpha, bias = torch.randn(columns) * 0.1, torch.rand(outputs), torch.randn(outputs)
+    panels = runtime_ops.weight_panels(pack_signs(weight >= 0), columns)
+    calls = {"fp32": lambda: F.linear(x, weight, bias)}
+    for path in paths:
+        calls[path] = (lambda p=path: runtime_ops._binary_linear(x, shift, panels, alpha, bias, outputs, p))
+    timings: dict[str, list[float]] = collections.defaultdict(list)
+    for _ in range(rounds):
+        for key, call in calls.items():
+            timings[key].append(median_ms(call, 5))
+    row = {"layer": name, "K": columns, "N": outputs, "M": tokens, "threads": torch.get_num_threads()}
+    row.update({f"{key}_ms": statistics.median(timings[key]) for key in calls})
+    row.update({f"{path}_speedup": row["fp32_ms"] / row[f"{path}_ms"] for path in paths})
+    return row
+
+
 def layer_rows(tokens: int, threads: int, rounds: int) -> list[dict]:
-    """fp32 F.linear and the binary kernel (input binarization and packing included) on every code path,
-    alternating per round: the median of each and the ratio."""
-    rows = []
+    """DeiT-S's four layer shapes and a long-K ceiling, at `threads` threads."""
     paths = ISAS[: ISAS.index(kernels().best) + 1][::-1]
     with torch_threads(threads):
-        for name, columns, outputs in [*DEIT_LAYERS, ("ceiling (K = 8192)", 8192, 1536)]:
-            x, weight = torch.randn(tokens, columns), torch.randn(outputs, columns)
-            shift, alpha, bias = torch.randn(columns) * 0.1, torch.rand(outputs), torch.randn(outputs)
-            panels = runtime_ops.weight_panels(pack_signs(weight >= 0), columns)
-            calls = {"fp32": lambda: F.linear(x, weight, bias)}
-            for path in paths:
-                calls[path] = (lambda p=path: runtime_ops._binary_linear(x, shift, panels, alpha, bias, outputs, p))
-            timings: dict[str, list[float]] = collections.defaultdict(list)
-            for _ in range(rounds):
-                for key, call in calls.items():
-                    timings[key].append(median_ms(call, 5))
-            row = {"layer": name, "K": columns, "N": outputs, "M": tokens, "threads": threads}
-            for key in calls:
-                row[f"{key}_ms"] = statistics.median(timings[key])
-            for path in paths:
-                row[f"{path}_speedup"] = row["fp32_ms"] / row[f"{path}_ms"]
-            rows.append(row)
-    return rows
+        return [layer_row(name, columns, outputs, tokens, paths, rounds)
+                for name, columns, outputs in [*DEIT_LAYERS, ("ceiling (K = 8192)", 8192, 1536)]]
 
 
 def breakdown(model_name: str, recipe: str, args: dict, rounds: int) -> dict:
