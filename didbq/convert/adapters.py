@@ -128,7 +128,7 @@ def _talking_heads_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     scores = self.proj_l(scores.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
     probs = self.proj_w(scores.softmax(dim=-1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
     probs = self.attn_drop(core.prob_binarizer(probs))
-    out = core.aggregate(probs, v)
+    out = core.context(core.aggregate(probs, v), q, k, v)
     return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, tokens, channels)))
 
 

@@ -6,7 +6,8 @@ whole section by a preset; `linear.<option>=<value>` sets an option of every bin
 `into.<rule name>=<replacement>` changes what a named rule turns its modules into (`into.MLP activation=rprelu`:
 plain instead of token-wise RPReLU); `drop_rule=<rule name>` removes a rule (its modules stay as they are);
 `stages=one` trains fully binary only, `stages=two` binary weights first (built from the recipe's last stage,
-the same total length).
+the same total length); `loss.<key>=<value>`, `optimizer.<key>=<value>` and `schedule.<key>=<value>` set that
+key in every stage (`loss.weight_regularization=0`, `optimizer.binarizer_lr=1e-4`).
 Values are YAML scalars. The result is the recipe as data, for the caller to adjust and validate.
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ def _rules_named(rules: list[dict[str, Any]], name: str, spec: str) -> list[dict
 
 
 STAGE_COUNTS = {"one": 1, "two": 2}
+STAGE_SECTIONS = ("loss", "optimizer", "schedule")  # `loss.KEY=value` and the like set KEY in every stage
 
 
 def reshaped_stages(stages: list[dict[str, Any]], shape: str, spec: str) -> list[dict[str, Any]]:
@@ -90,6 +92,12 @@ def apply_override(data: dict[str, Any], key: str, raw: str, spec: str) -> None:
             rule.setdefault("options", {})[key.removeprefix("linear.")] = value
     elif key == "stages":
         data["stages"] = reshaped_stages(data.get("stages") or [], str(value), spec)
+    elif key.partition(".")[0] in STAGE_SECTIONS:
+        section, _, field = key.partition(".")
+        if not data.get("stages"):
+            raise RecipeError(f"{spec}: {key} sets a key of every stage, but the recipe declares no stages")
+        for stage in data["stages"]:
+            stage.setdefault(section, {})[field] = value
     elif key == "variant":
         data["attention"] = {"variant": value}  # the preset alone: drop the recipe's own settings
     else:

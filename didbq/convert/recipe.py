@@ -49,7 +49,8 @@ class Rule(Strict):
 
     name: str | None = Field(None, description="label shown in the plan; defaults to the targets")
     targets: list[str] = Field(min_length=1)
-    into: str = Field(description="a registered replacement: binary_linear, rprelu, token_rprelu, identity")
+    into: str = Field(description="a registered replacement: binary_linear, rprelu, token_rprelu, identity, "
+                                  "layer_scale, batchnorm")
     options: dict[str, Any] = Field(default_factory=dict, description="options of the replacement")
 
     @field_validator("targets")
@@ -113,6 +114,9 @@ class Optimizer(Strict):
     scale_lr_with_batch: bool = Field(True, description="lr x batch / 512, as in DeiT")
     weight_decay: float = Field(0.05, ge=0)
     latent_weight_decay: float = Field(0.0, ge=0, description="weight decay of the latent binary weights")
+    binarizer_lr: float | None = Field(
+        None, gt=0, description="own peak lr of the binarizers' scales and thresholds, without weight decay (BiT: "
+                                "1e-4; scaled with the batch like lr); null: the stage's lr, in the no-decay group")
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad_norm: float | None = Field(5.0, description="gradient clipping; null disables")
 
@@ -142,7 +146,12 @@ class Loss(Strict):
     kd_weight: float = Field(1.0, ge=0)
     label_weight: float = Field(0.0, ge=0, description="weight of cross-entropy with the labels")
     attention_maps: FeatureLoss | None = None
+    attention_of: Literal["binarized", "scores"] = Field(
+        "binarized", description="what attention_maps compares: the binarized attention matrices, or the scores "
+                                 "q·kᵀ * scale before softmax (BiT's multi-distillation, with features on blocks)")
     features: FeatureLoss | None = None
+    weight_regularization: float = Field(
+        0.0, ge=0, description="BHViT's mean(| |w| - 1 |) over every latent binary weight, times this (BHViT: 0.1)")
 
 
 def exactly_one_length(epochs: float | None, steps: int | None) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from didbq.nn.binarizers import ACTIVATION_BINARIZERS
 from didbq.nn.linear import BinaryLinear
+from didbq.nn.norms import ShiftedLayerScale, TokenBatchNorm
 from didbq.nn.rprelu import RPReLU, TokenRPReLU
 from didbq.registry import Registry
 
@@ -41,7 +42,8 @@ class BinaryLinearOptions(Options):
 
     surrogate: Literal["approx_sign", "ste"] = "approx_sign"
     shortcut: bool = Field(False, description="y = act(norm(BinLinear(x)) + x), x repeated or group-averaged")
-    norm: Literal["layernorm", "none"] = "none"
+    norm: Literal["layernorm", "batchnorm", "none"] = Field(
+        "none", description="norm of the binary product's output (batchnorm: over channels, the lineage's)")
     act: ActName = Field("none", description="activation after the layer")
 
 
@@ -81,8 +83,23 @@ def _build_identity(module: nn.Module, shape: tuple[int, ...], options: Options)
     return nn.Identity()
 
 
+class LayerScaleOptions(Options):
+    init: float = Field(0.1, description="initial alpha (the lineage's 0.1)")
+    shift: bool = Field(True, description="the learnable shift `move` after the scale")
+
+
+def _build_layer_scale(module: nn.Module, shape: tuple[int, ...], options: LayerScaleOptions) -> nn.Module:
+    return ShiftedLayerScale(shape[-1], options.init, options.shift)
+
+
+def _build_batchnorm(module: nn.Module, shape: tuple[int, ...], options: Options) -> nn.Module:
+    return TokenBatchNorm(shape[-1])
+
+
 REPLACEMENTS.register("binary_linear")(Replacement(BinaryLinearOptions, _build_binary_linear, (nn.Linear,)))
 REPLACEMENTS.register("rprelu")(Replacement(RPReLUOptions, _build_rprelu))
 REPLACEMENTS.register("token_rprelu")(Replacement(RPReLUOptions, _build_token_rprelu))
 REPLACEMENTS.register("identity")(Replacement(Options, _build_identity))
+REPLACEMENTS.register("layer_scale")(Replacement(LayerScaleOptions, _build_layer_scale))
+REPLACEMENTS.register("batchnorm")(Replacement(Options, _build_batchnorm, (nn.LayerNorm,)))
 

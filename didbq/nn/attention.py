@@ -17,6 +17,7 @@ from torch import nn
 from didbq.nn.binarizers import ACTIVATION_BINARIZERS, ActivationBinarizer
 from didbq.nn.haar import TokenLayout, local_difference, low_band_of_tokens, split_tokens_into_bands
 from didbq.nn.linear import BinaryLinear
+from didbq.nn.rprelu import RPReLU
 from didbq.registry import Registry
 
 BinarizerName = Literal["sign", "rsign", "bit_signed", "identity"]
@@ -48,6 +49,10 @@ class AttentionOptions(BaseModel):
     prefix_tokens: Literal["global", "zero"] = Field(
         "global", description="class/register tokens: neighbours = the whole grid (global), or no local/high term")
     output_norm: bool = Field(False, description="LayerNorm over each head's output")
+    context_shortcut: bool = Field(False, description="the lineage's Norm(A_b V) + q + k + v: the full-precision "
+                                                      "q, k and v added to the (output_norm-ed) context")
+    context_act: Literal["none", "rprelu"] = Field("none", description="RPReLU over each head's channels after "
+                                                                       "the context shortcut")
 
     @model_validator(mode="before")
     @classmethod
@@ -218,6 +223,8 @@ class BinaryAttention(nn.Module):
         if self.use_local:
             self.local_weight = nn.Parameter(torch.full((heads, 1, head_dim), options.local_init))
         self.output_norm = nn.LayerNorm(head_dim) if options.output_norm else None
+        self.context_act = RPReLU(head_dim) if options.context_act == "rprelu" else None
+        self.score_tap = nn.Identity()  # what a distillation loss on the attention scores hooks
         self._attn_input: torch.Tensor | None = None
         self.last_call: dict[str, int] | None = None
 
@@ -269,12 +276,12 @@ class BinaryAttention(nn.Module):
         self.record_call(q, k)
         bands = self._bands(q, k)
         if bands is None:
-            return (self.q_binarizers[0](q) * scale) @ self.k_binarizers[0](k).transpose(-2, -1)
+            return self.score_tap((self.q_binarizers[0](q) * scale) @ self.k_binarizers[0](k).transpose(-2, -1))
         q_bands, k_bands = bands
         queries = torch.cat([binarizer(band) * (weight * scale) for binarizer, band, weight
                              in zip(self.q_binarizers, q_bands, self.band_weights)], dim=-1)
         keys = torch.cat([binarizer(band) for binarizer, band in zip(self.k_binarizers, k_bands)], dim=-1)
-        return queries @ keys.transpose(-2, -1)
+        return self.score_tap(queries @ keys.transpose(-2, -1))
 
     def record_call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
         """Keep the shapes of this call for `products` (the report's count of binary operations)."""
@@ -298,6 +305,13 @@ class BinaryAttention(nn.Module):
             out = self.diba_terms(out, v, lambda: probs.sum(-1, keepdim=True))
         return self.output_norm(out) if self.output_norm is not None else out
 
+    def context(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The lineage's attention-context shortcut: out + q + k + v (full precision, where the shapes agree:
+        self-attention), then RPReLU; `out` as it is when both are off."""
+        if self.options.context_shortcut and q.shape == k.shape == v.shape == out.shape:
+            out = out + q + k + v
+        return self.context_act(out) if self.context_act is not None else out
+
     def diba_terms(self, out: torch.Tensor, v: torch.Tensor, row_sums: Callable[[], torch.Tensor]) -> torch.Tensor:
         """DIBA's terms added to A_b V (binary V): s V - diag(A_b 1) V + l Lap(V); `row_sums` gives A_b 1."""
         shortcut = self.shortcut if self.shortcut is not None else 1.0
@@ -317,7 +331,7 @@ class BinaryAttention(nn.Module):
             k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         scores = _apply_mask(self.scores(q, k, scale), attn_mask, is_causal)
-        return self.aggregate(self.probabilities(scores, dropout_p), v)
+        return self.context(self.aggregate(self.probabilities(scores, dropout_p), v), q, k, v)
 
     def products(self) -> list[tuple[str, int, bool]]:
         """The matrix products of the last call, whole batch: (name, MACs, both operands binary)."""

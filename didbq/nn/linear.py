@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from didbq.nn.binarizers import ACTIVATION_BINARIZERS, ActivationBinarizer, binarize_weight
+from didbq.nn.norms import TokenBatchNorm
 
 
 def widths_match(in_features: int, out_features: int) -> bool:
@@ -81,7 +82,7 @@ class BinaryLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_binarizer: str = "rsign",
                  surrogate: str = "approx_sign", shortcut: bool = False,
-                 norm: Literal["layernorm", "none"] = "none", act: nn.Module | None = None) -> None:
+                 norm: Literal["layernorm", "batchnorm", "none"] = "none", act: nn.Module | None = None) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -94,7 +95,8 @@ class BinaryLinear(nn.Module):
         self.register_buffer("fixed_scale", None, persistent=False)
         # A shortcut needs one width to divide the other (e.g. not eva's 192 -> 1024 SwiGLU); elsewhere it is off.
         self.shortcut = shortcut and widths_match(in_features, out_features)
-        self.norm = nn.LayerNorm(out_features) if norm == "layernorm" else nn.Identity()
+        self.norm = (nn.LayerNorm(out_features) if norm == "layernorm" else
+                     TokenBatchNorm(out_features) if norm == "batchnorm" else nn.Identity())
         self.act = act if act is not None else nn.Identity()
 
     @classmethod

@@ -88,7 +88,8 @@ class PackedBinaryAttention(BinaryAttention):
         if self.diba and q.shape[-2] == k.shape[-2]:
             v_signs = hard_sign(v if shifts[2] is None else v + shifts[2])
             out = self.diba_terms(out, v_signs, lambda: ones * prob_scale.view(-1, 1, 1))
-        return self.output_norm(out) if self.output_norm is not None else out
+        out = self.output_norm(out) if self.output_norm is not None else out
+        return self.context(out, q, k, v)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

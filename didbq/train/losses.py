@@ -10,6 +10,7 @@ from torch.utils.hooks import RemovableHandle
 from didbq.convert.matching import first_match
 from didbq.convert.recipe import FeatureLoss, Loss
 from didbq.nn.attention import BinaryAttention
+from didbq.nn.linear import BinaryLinear
 
 
 def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -30,17 +31,19 @@ class Taps:
     """Forward hooks that keep the outputs of the modules matching a FeatureLoss's targets.
 
     For attention maps the tapped module is each attention core's probability binarizer, whose output is the
-    (binarized) attention matrix; the teacher's attention is routed through full-precision cores for this.
+    (binarized) attention matrix, or with `attention_of="scores"` its score tap (q·kᵀ * scale before softmax);
+    the teacher's attention is routed through full-precision cores for this.
     """
 
-    def __init__(self, model: nn.Module, spec: FeatureLoss, attention_maps: bool) -> None:
+    def __init__(self, model: nn.Module, spec: FeatureLoss, attention_maps: bool,
+                 attention_of: str = "binarized") -> None:
         self.outputs: dict[str, torch.Tensor] = {}
         self.handles: list[RemovableHandle] = []
         for name, module in model.named_modules():
             if attention_maps:
                 core = getattr(module, "binary_core", None)
                 if isinstance(core, BinaryAttention) and first_match(spec.targets, name, module):
-                    self._tap(name, core.prob_binarizer)
+                    self._tap(name, core.score_tap if attention_of == "scores" else core.prob_binarizer)
             elif name and first_match(spec.targets, name, module):
                 self._tap(name, module)
 
@@ -62,9 +65,23 @@ def tapped_mse(student: Taps, teacher: Taps) -> torch.Tensor:
     return sum(F.mse_loss(student.outputs[n].float(), teacher.outputs[n].float()) for n in names) / len(names)
 
 
+def weight_regularization(latent_weights: list[torch.Tensor]) -> torch.Tensor:
+    """BHViT's mean(| |w| - 1 |) over every element of the latent binary weights: it keeps weights away from 0,
+    where Adam makes their signs oscillate."""
+    total = sum((weight.abs() - 1).abs().sum() for weight in latent_weights)
+    return total / sum(weight.numel() for weight in latent_weights)
+
+
+def latent_binary_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The latent weights of the BinaryLinear layers whose weights are binarized in forward."""
+    return [m.weight for m in model.modules()
+            if isinstance(m, BinaryLinear) and m.binarize_weights and not m.weight_is_binary]
+
+
 def total_loss(loss: Loss, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                labels: torch.Tensor, feature_taps: tuple[Taps, Taps] | None = None,
-               attention_taps: tuple[Taps, Taps] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+               attention_taps: tuple[Taps, Taps] | None = None, latent_weights: list[torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted sum of the recipe's losses, and each part for the metrics file."""
     parts: dict[str, torch.Tensor] = {}
     if loss.kd_weight and teacher_logits is not None:
@@ -75,5 +92,7 @@ def total_loss(loss: Loss, student_logits: torch.Tensor, teacher_logits: torch.T
         parts["features"] = loss.features.weight * tapped_mse(*feature_taps)
     if attention_taps is not None and loss.attention_maps is not None:
         parts["attention"] = loss.attention_maps.weight * tapped_mse(*attention_taps)
+    if loss.weight_regularization and latent_weights:
+        parts["weight_reg"] = loss.weight_regularization * weight_regularization(latent_weights)
     total = sum(parts.values())
     return total, {name: float(value.detach()) for name, value in parts.items()}

@@ -52,7 +52,7 @@ from didbq.train.data import (
 )
 from didbq.train.distributed import Distributed
 from didbq.train.evaluate import evaluate
-from didbq.train.losses import Taps, total_loss
+from didbq.train.losses import Taps, latent_binary_weights, total_loss
 from didbq.train.optim import build_optimizer, build_schedule
 
 TEACHER = "teacher"
@@ -316,6 +316,7 @@ class Run:
         model.train()
         trained = DistributedDataParallel(model, find_unused_parameters=True) if context.active else model
         taps = self._taps(model, kd_teacher, stage)
+        latent_weights = latent_binary_weights(model) if stage.loss.weight_regularization else None
         use_amp = self.device.type == "cuda" and recipe.run.amp
         progress = _Progress(self.log, phase.name, total, start, global_batch,
                              enabled=context.is_main and self.config.progress)
@@ -334,7 +335,7 @@ class Run:
                     with torch.no_grad():
                         teacher_logits = _logits(kd_teacher(images)).float()
                 logits = _logits(trained(images)).float()
-                loss, parts = total_loss(stage.loss, logits, teacher_logits, labels, *taps)
+                loss, parts = total_loss(stage.loss, logits, teacher_logits, labels, *taps, latent_weights)
             global_loss = context.mean(loss.detach())
             if not torch.isfinite(global_loss):
                 raise DidbqError(f"{phase.name}: the loss became {float(global_loss)} at step {step}; the last good "
@@ -370,7 +371,8 @@ class Run:
         if loss.features is not None and kd_teacher is not None:
             features = (Taps(model, loss.features, False), Taps(kd_teacher, loss.features, False))
         if loss.attention_maps is not None and kd_teacher is not None:
-            attention = (Taps(model, loss.attention_maps, True), Taps(kd_teacher, loss.attention_maps, True))
+            attention = (Taps(model, loss.attention_maps, True, loss.attention_of),
+                         Taps(kd_teacher, loss.attention_maps, True, loss.attention_of))
         return features, attention
 
     def _loader(self, train_set: TransformedImages, epoch: int, start_batch: int, context: Distributed):

@@ -117,3 +117,37 @@ def test_stages_reshape_in_steps_too_but_not_in_mixed_units(tmp_path: Path) -> N
         load_recipe(f"{path}[stages=one]")
     path.write_text("name: steps\nstages:\n  - {name: a, steps: 9}\n  - {name: b, steps: 10, init_from: a}\n")
     assert [s.steps for s in load_recipe(f"{path}[stages=two]").stages] == [9, 9]
+
+
+def test_the_lineage_recipe_has_the_papers_parts_and_each_lineage_part_switches_off_alone() -> None:
+    lineage = load_recipe("didb_lineage")
+    attention = lineage.attention.resolve()
+    assert (attention.aggregation, attention.differential, attention.hfsc) == ("diba", True, "separate")
+    assert attention.context_shortcut and attention.context_act == "rprelu" and attention.output_norm
+    assert [(s.activations, s.loss.weight_regularization, s.optimizer.weight_decay) for s in lineage.stages] == [
+        ("fp", 0.1, 0.0), ("binary", 0.1, 0.0)]
+    assert lineage.binarize.rules[0].options["norm"] == "batchnorm"
+    assert load_recipe("didb_lineage[linear.norm=layernorm]").binarize.rules[0].options["norm"] == "layernorm"
+    names = [rule.name for rule in load_recipe("didb_lineage[drop_rule=layer scale]").binarize.rules]
+    assert "layer scale" not in names and "block norms" in names
+    off = load_recipe("didb_lineage[loss.weight_regularization=0,optimizer.binarizer_lr=1e-4]")
+    assert all(s.loss.weight_regularization == 0 and s.optimizer.binarizer_lr == 1e-4 for s in off.stages)
+    assert all(s.loss.kd_weight == 1.0 for s in off.stages)  # the other keys of each stage stay
+
+
+def test_new_options_are_off_in_the_existing_recipes() -> None:
+    for name in ("didb", "xnor", "bit", "reactnet", "quick"):
+        recipe = load_recipe(name)
+        attention = recipe.attention.resolve()
+        assert not attention.context_shortcut and attention.context_act == "none"
+        assert all(s.loss.weight_regularization == 0 and s.optimizer.binarizer_lr is None
+                   and s.loss.attention_of == "binarized" for s in recipe.stages)
+        assert {rule.into for rule in recipe.binarize.rules} <= {"binary_linear", "rprelu", "token_rprelu",
+                                                                 "identity"}
+
+
+def test_a_stage_key_override_needs_stages(tmp_path: Path) -> None:
+    path = tmp_path / "bare.yaml"
+    path.write_text("name: bare\nbinarize: {rules: [{targets: [Linear], into: binary_linear}]}\n")
+    with pytest.raises(RecipeError, match="declares no stages"):
+        load_recipe(f"{path}[loss.weight_regularization=0.1]")

@@ -532,3 +532,38 @@ def test_products_binary_flags_follow_each_binarizer() -> None:
     assert isinstance(identity.v_binarizer, Identity)
     identity(q, k, v)
     assert [binary for _, _, binary in identity.products()] == [True, False]
+
+
+# ---------------------------------------------------------------- the lineage's context shortcut (issue 13)
+
+
+def test_context_shortcut_adds_full_precision_q_k_v_then_rprelu() -> None:
+    core = make_core("didb", hfsc="off", output_norm=True, context_shortcut=True, context_act="rprelu").eval()
+    with torch.no_grad():
+        core.context_act.shift_in.normal_()
+        core.context_act.shift_out.normal_()
+    plain = make_core("didb", hfsc="off", output_norm=True).eval()
+    plain.load_state_dict(core.state_dict(), strict=False)
+    q, k, v = qkv()
+    with torch.no_grad():
+        expected = core.context_act(plain(q, k, v) + q + k + v)
+        assert torch.equal(core(q, k, v), expected)
+
+
+def test_context_shortcut_is_off_by_default_and_where_shapes_differ() -> None:
+    assert not ATTENTION_VARIANTS["didb"].context_shortcut and ATTENTION_VARIANTS["didb"].context_act == "none"
+    cross = make_core("plain", queries=3, keys=TOKENS, context_shortcut=True).eval()
+    reference = make_core("plain", queries=3, keys=TOKENS).eval()
+    reference.load_state_dict(cross.state_dict())
+    q, k, v = qkv(queries=3, keys=TOKENS)
+    with torch.no_grad():
+        assert torch.equal(cross(q, k, v), reference(q, k, v))  # q is not the shape of k and v: nothing added
+
+
+def test_the_score_tap_sees_scores_before_softmax() -> None:
+    core = make_core("plain").eval()
+    seen: dict[str, torch.Tensor] = {}
+    _capture(core.score_tap, seen, "scores")
+    q, k, v = qkv()
+    core(q, k, v)
+    assert torch.equal(seen["scores"], (hard_sign(q) * HEAD_DIM ** -0.5) @ hard_sign(k).transpose(-2, -1))

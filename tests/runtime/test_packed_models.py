@@ -134,3 +134,10 @@ def test_bench_on_the_command_line(fashion: object, tmp_path: Path, capsys: pyte
     assert result["held_bytes"]["packed"] < result["held_bytes"]["reference"]
     for row in result["results"]:
         assert row["packed"]["median_ms"] > 0 and row["speedup_packed_vs_fp32"] > 0
+
+
+def test_the_lineage_recipe_is_exact_on_the_packed_runtime(fashion: object, tmp_path: Path) -> None:
+    """BatchNorm (eval statistics), LayerScale, the context shortcut and HFSC's float-path attention."""
+    path = packed_file("vit_tiny_patch16_224", {**QUICK_ARGS, "depth": 2}, "didb_lineage", fashion, tmp_path,
+                       steps=2)
+    assert_same_logits(path, real_images(didbq.build_model("vit_tiny_patch16_224", **QUICK_ARGS), fashion))
