@@ -113,6 +113,8 @@ class Student(Strict):
     seeds: list[int] | None = Field(None, min_length=1, description="default: [the study's seed]")
     epochs: float | None = Field(None, gt=0, description="instead of budget.epochs or budget.steps: a longer or "
                                                          "shorter schedule, to measure what the budget costs")
+    optimizer: Optimizer | None = Field(None, description="optimizer keys of this student's stages, over the "
+                                                          "budget's: a tuning trial (lr, weight_decay, ...)")
     description: str = ""
 
 
@@ -218,7 +220,7 @@ def _student_recipe(study: Study, student: Student, seed: int, base: Path) -> Re
     data = recipe_data(student.recipe, base)
     budget = study.budget if student.epochs is None else \
         study.budget.model_copy(update={"epochs": student.epochs, "steps": None})
-    stages = _budgeted(_shaped(data.get("stages") or [], student.stages, student.recipe), budget)
+    stages = _budgeted(_shaped(data.get("stages") or [], student.stages, student.recipe), budget, student.optimizer)
     data.update(name=f"{student.name}-seed{seed}", model={"args": study.model.args}, data=_data_section(study),
                 teacher={"pretrained": False}, stages=stages, run=_run_section(study, seed))
     return validated(Recipe, data, student.recipe)
@@ -231,14 +233,17 @@ def _shaped(stages: list[dict[str, Any]], mode: str, spec: str) -> list[dict[str
     return reshaped_stages(stages, mode, spec)  # also the one-line error for a recipe without stages
 
 
-def _budgeted(stages: list[dict[str, Any]], budget: Budget) -> list[dict[str, Any]]:
-    """Stage lengths from the budget (split evenly) and the budget's optimizer and schedule keys."""
+def _budgeted(stages: list[dict[str, Any]], budget: Budget, trial: Optimizer | None = None
+              ) -> list[dict[str, Any]]:
+    """Stage lengths from the budget (split evenly), the budget's optimizer and schedule keys, and a tuning
+    trial's optimizer keys over them."""
     count = len(stages)
     if budget.steps is not None and budget.steps < count:
         raise RecipeError(f"budget.steps {budget.steps} is fewer than the recipe's {count} stages")
     length = ({"epochs": budget.epochs / count, "steps": None} if budget.epochs is not None
               else {"epochs": None, "steps": budget.steps // count})
     optimizer = budget.optimizer.model_dump(exclude_unset=True) if budget.optimizer else {}
+    optimizer.update(trial.model_dump(exclude_unset=True) if trial else {})
     schedule = budget.schedule.model_dump(exclude_unset=True) if budget.schedule else {}
     return [{**stage, **length, "optimizer": {**(stage.get("optimizer") or {}), **optimizer},
              "schedule": {**(stage.get("schedule") or {}), **schedule}} for stage in stages]

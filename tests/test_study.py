@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from didbq.cli import main
+from didbq.errors import DidbqError
 from didbq.export.loader import export
 from didbq.study import TABLE_JSON, TABLE_MARKDOWN, load_study, run_study
 
@@ -169,7 +170,7 @@ def test_bad_invocations_are_one_line_errors(case: str, finished: tuple[Path, di
 
 def test_the_study_files_load() -> None:
     """Both shipped studies validate, with the same budget for every student that does not set its own."""
-    for name in ("ci", "fashion_mnist"):
+    for name in ("ci", "fashion_mnist", "fashion_mnist_grid7"):
         plan = load_study(STUDY.parent / f"{name}.yaml")
         lengths = {sum(stage.epochs or stage.steps for stage in run.recipe.stages) for run in plan.students
                    if run.student.epochs is None}
@@ -184,6 +185,19 @@ def test_a_student_may_set_its_own_epochs(tmp_path: Path) -> None:
     runs = {run.name: run for run in load_study(path).students}
     assert [(stage.epochs, stage.steps) for stage in runs["bit-longer-seed0"].recipe.stages] == [(1.5, None)] * 2
     assert [(stage.epochs, stage.steps) for stage in runs["bit-seed0"].recipe.stages] == [(None, 20)] * 2
+
+
+def test_a_tuning_trial_sets_optimizer_keys_over_the_budget(tmp_path: Path) -> None:
+    path = tmp_path / "study.yaml"
+    path.write_text(GOOD + "  - {name: bit-lr, recipe: bit, optimizer: {lr: 7.0e-4, weight_decay: 0.0}}\n")
+    runs = {run.name: run for run in load_study(path).students}
+    trial, plain = runs["bit-lr-seed0"].recipe.stages, runs["bit-seed0"].recipe.stages
+    assert [(s.optimizer.lr, s.optimizer.weight_decay) for s in trial] == [(7.0e-4, 0.0)] * 2
+    assert [s.optimizer.lr for s in plain] != [7.0e-4] * 2
+    assert [(s.epochs, s.steps) for s in trial] == [(s.epochs, s.steps) for s in plain]  # the same budget
+    path.write_text(GOOD + "  - {name: bit-lr, recipe: bit, optimizer: {lr: fast}}\n")
+    with pytest.raises(DidbqError, match="optimizer.lr"):
+        load_study(path)
 
 
 def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
