@@ -169,8 +169,8 @@ def test_bad_invocations_are_one_line_errors(case: str, finished: tuple[Path, di
 
 
 def test_the_study_files_load() -> None:
-    """Both shipped studies validate, with the same budget for every student that does not set its own."""
-    for name in ("ci", "fashion_mnist", "fashion_mnist_grid7"):
+    """The shipped studies validate, with the same budget for every student that does not set its own."""
+    for name in ("ci", "fashion_mnist", "fashion_mnist_grid7", "fashion_mnist_grid14", "fashion_mnist_grid14_gpu"):
         plan = load_study(STUDY.parent / f"{name}.yaml")
         lengths = {sum(stage.epochs or stage.steps for stage in run.recipe.stages) for run in plan.students
                    if run.student.epochs is None}
