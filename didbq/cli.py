@@ -70,6 +70,7 @@ def plan(model_name: str, recipe: str, model_arg: tuple[str, ...], as_json: bool
 
     recipe_obj = didbq.load_recipe(recipe)
     arguments = {**recipe_obj.model.args, **_parse_model_args(model_arg)}  # the recipe's model.args, then -m
+    model_name = _timm_name(model_name)
     model = didbq.build_model(model_name, pretrained=False, **arguments)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -86,8 +87,9 @@ def plan(model_name: str, recipe: str, model_arg: tuple[str, ...], as_json: bool
                                                   "run's own recipe)." + RECIPE_VARIANTS)
 @click.option("--data", "-d", default=None,
               help="Dataset: fashion-mnist, digits, a local image folder or parquet/arrow file, or a Hugging Face "
-                   "hub name (needs a network).")
-@click.option("--out", "-o", type=click.Path(path_type=Path), default=None, help="Output folder.")
+                   "hub name (needs a network). Default: the recipe's data.source.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
+              help="Output folder. Default: runs/<model>-<recipe>, numbered -2, -3, ... when it exists.")
 @click.option("--teacher-checkpoint", type=click.Path(path_type=Path), default=None,
               help="Full-precision teacher weights (safetensors, or a torch state dict read with weights_only).")
 @click.option("--resume", "resume", type=click.Path(path_type=Path), default=None, metavar="RUN",
@@ -109,7 +111,7 @@ def binarize(model_name: str | None, recipe: str | None, data: str | None, out: 
     from didbq.train import distributed
 
     _quiet_datasets()
-    from didbq.train.run_folder import read_run
+    from didbq.train.run_folder import new_run_folder, read_run
     from didbq.train.runner import BinarizeConfig
     from didbq.train.runner import binarize as run_binarize
 
@@ -119,10 +121,17 @@ def binarize(model_name: str | None, recipe: str | None, data: str | None, out: 
         recipe_obj = didbq.load_recipe(recipe) if recipe else saved_recipe
         checkpoint = teacher_checkpoint or (Path(run["teacher_checkpoint"]) if run["teacher_checkpoint"] else None)
     else:
-        missing = [flag for flag, value in (("MODEL", model_name), ("--data", data), ("--out", out)) if not value]
-        if missing:
-            raise click.UsageError(f"missing {', '.join(missing)} (or give --resume RUN)")
+        if not model_name:
+            raise click.UsageError("missing MODEL (or give --resume RUN)")
         recipe_obj, checkpoint = didbq.load_recipe(recipe or "didb"), teacher_checkpoint
+        model_name = _timm_name(model_name)
+        recipe_obj = _columns_for(recipe_obj, data)
+        data = data or recipe_obj.data.source
+        if not data:
+            raise click.UsageError(f"missing --data (recipe {recipe_obj.name} names no data.source)")
+        if out is None:
+            out = new_run_folder(model_name, recipe_obj.name)
+            errors.print(f"output: {out}", markup=False, highlight=False)
     context = distributed.setup(device)
     log = (lambda message: errors.print(message, markup=False, highlight=False)) if context.is_main else _quiet
     try:
@@ -135,6 +144,25 @@ def binarize(model_name: str | None, recipe: str | None, data: str | None, out: 
             click.echo(json.dumps(results, indent=2))
         else:
             _print_results(results, Path(out))
+
+
+def _columns_for(recipe: Any, data: str | None) -> Any:
+    """The recipe's data.image_column / label_column name columns of its own data.source: --data naming another
+    dataset drops them (its columns are detected)."""
+    spec = recipe.data
+    if data is None or spec.source in (None, data) or (spec.image_column is None and spec.label_column is None):
+        return recipe
+    return recipe.model_copy(update={"data": spec.model_copy(update={"image_column": None, "label_column": None})})
+
+
+def _timm_name(name: str) -> str:
+    """timm's name for MODEL; a short name's resolution is said on stderr."""
+    from didbq.convert.models import resolve_model_name
+
+    resolved = resolve_model_name(name)
+    if resolved != name:
+        errors.print(f"{name} -> {resolved} (timm's default for the name)", markup=False, highlight=False)
+    return resolved
 
 
 def _quiet_datasets() -> None:
@@ -188,7 +216,7 @@ def evaluate_run(run_folder: Path, data: str | None, runtime: str, as_json: bool
 
 
 @cli.command()
-@click.argument("target", metavar="RUN_OR_MODEL")
+@click.argument("target", metavar="[RUN_OR_MODEL]", required=False)
 @click.option("--recipe", "-r", default=None,
               help="With MODEL: recipe file or built-in name (default: didb). A run carries its own." + RECIPE_VARIANTS)
 @click.option("--model-arg", "-m", multiple=True, metavar="KEY=VALUE",
@@ -199,15 +227,21 @@ def evaluate_run(run_folder: Path, data: str | None, runtime: str, as_json: bool
               help="Also write a chart of where the bits and the OPs go, per block.")
 @click.option("--strict/--no-strict", default=True, show_default=True,
               help="With MODEL: fail on attention classes didbq does not know.")
-def report(target: str, recipe: str | None, model_arg: tuple[str, ...], fp16: bool, as_json: bool,
+def report(target: str | None, recipe: str | None, model_arg: tuple[str, ...], fp16: bool, as_json: bool,
            plot: Path | None, strict: bool) -> None:
-    """Size and cost report of a trained model (a run folder or a packed .safetensors file), measured from the
-    file, or of MODEL under --recipe before any training: per layer and in total, precision, parameters per bit
-    width, bytes, BOPs / FLOPs / OPs, what stays full precision and why, and the checks (file size against the
-    analytic size, FP FLOPs against torch.utils.flop_counter)."""
+    """Size and cost report of a trained model (a run folder or a packed .safetensors file; without an argument
+    the newest run under ./runs), measured from the file, or of MODEL under --recipe before any training: per
+    layer and in total, precision, parameters per bit width, bytes, BOPs / FLOPs / OPs, what stays full
+    precision and why, and the checks (file size against the analytic size, FP FLOPs against
+    torch.utils.flop_counter)."""
     import didbq  # noqa: F401  (torchvision guard before timm)
     from didbq.report import plot_report, report_for_file, report_for_model
 
+    if target is None:
+        from didbq.train.run_folder import newest_run
+
+        target = str(newest_run())
+        errors.print(f"reporting {target} (the newest run under ./runs)", markup=False, highlight=False)
     path = Path(target)
     if path.exists():
         if recipe or model_arg or fp16:
@@ -217,7 +251,7 @@ def report(target: str, recipe: str | None, model_arg: tuple[str, ...], fp16: bo
     elif path.suffix in (".safetensors", ".pt", ".pth", ".bin") or "/" in target:
         raise DidbqError(f"{target}: no such file or run folder")
     else:
-        result = report_for_model(target, recipe or "didb", _parse_model_args(model_arg),
+        result = report_for_model(_timm_name(target), recipe or "didb", _parse_model_args(model_arg),
                                   fp_dtype="float16" if fp16 else "float32", strict=strict)
     if plot is not None:
         plot_report(result, plot)

@@ -7,7 +7,9 @@ whole section by a preset; `linear.<option>=<value>` sets an option of every bin
 plain instead of token-wise RPReLU); `drop_rule=<rule name>` removes a rule (its modules stay as they are);
 `stages=one` trains fully binary only, `stages=two` binary weights first (built from the recipe's last stage,
 the same total length); `loss.<key>=<value>`, `optimizer.<key>=<value>` and `schedule.<key>=<value>` set that
-key in every stage (`loss.weight_regularization=0`, `optimizer.binarizer_lr=1e-4`).
+key in every stage (`loss.weight_regularization=0`, `optimizer.binarizer_lr=1e-4`); `steps=N` or `epochs=N` the
+length of every stage; `data.<key>` a key of the data section (`data.train_limit=2000`) and `model.<arg>` a
+timm.create_model argument (`model.img_size=64`): a quick run of a recipe as it is.
 Values are YAML scalars. The result is the recipe as data, for the caller to adjust and validate.
 """
 from __future__ import annotations
@@ -92,6 +94,16 @@ def apply_override(data: dict[str, Any], key: str, raw: str, spec: str) -> None:
             rule.setdefault("options", {})[key.removeprefix("linear.")] = value
     elif key == "stages":
         data["stages"] = reshaped_stages(data.get("stages") or [], str(value), spec)
+    elif key in ("steps", "epochs"):
+        if not data.get("stages"):
+            raise RecipeError(f"{spec}: {key} sets the length of every stage, but the recipe declares no stages")
+        for stage in data["stages"]:
+            stage.update(steps=None, epochs=None)
+            stage[key] = value
+    elif key.startswith("data."):
+        data.setdefault("data", {})[key.removeprefix("data.")] = value
+    elif key.startswith("model."):
+        data.setdefault("model", {}).setdefault("args", {})[key.removeprefix("model.")] = value
     elif key.partition(".")[0] in STAGE_SECTIONS:
         section, _, field = key.partition(".")
         if not data.get("stages"):

@@ -185,6 +185,8 @@ class ModelSection(Strict):
 
 
 class DataSection(Strict):
+    source: str | None = Field(None, description="the dataset when `didbq binarize` gets no --data: fashion-mnist, "
+                                                 "digits, a folder or file, or a Hugging Face hub name")
     batch_size: int = Field(64, gt=0, description="global batch (split across DDP ranks)")
     eval_batch_size: int = Field(256, gt=0)
     workers: int = Field(2, ge=0, description="DataLoader worker processes")
@@ -196,8 +198,8 @@ class DataSection(Strict):
     test_limit: int | None = Field(None, gt=0)
     seed: int | None = Field(None, description="seed of the train_limit/test_limit subsets and of a split-off test "
                                                "set; default: run.seed (fix it to compare seeds on the same images)")
-    image_column: str | None = None
-    label_column: str | None = None
+    image_column: str | None = Field(None, description="of data.source; dropped when --data names another dataset")
+    label_column: str | None = Field(None, description="of data.source; dropped when --data names another dataset")
 
 
 class TeacherSection(Strict):

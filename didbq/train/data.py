@@ -250,8 +250,8 @@ def _load_hub(name: str) -> dict[str, datasets.Dataset]:
 
 
 def _offline_message(name: str, reason: str) -> str:
-    return (f"dataset '{name}' is not available offline: {reason}; go online or give a local folder/file "
-            f"(didbq supports: {SUPPORTED})")
+    return (f"dataset '{name}' is not available offline: {reason}; go online, or train offline on "
+            f"--data fashion-mnist or a local folder/file (didbq supports: {SUPPORTED})")
 
 
 def _offline() -> bool:

@@ -25,3 +25,28 @@ def load_student(folder: Path, runtime: str = "auto") -> nn.Module:
     from didbq.export.loader import load
 
     return load(folder, runtime)
+
+
+RUNS = Path("runs")
+
+
+def new_run_folder(model_name: str, recipe_name: str, root: Path = RUNS) -> Path:
+    """runs/<model>-<recipe>, or the first of -2, -3, ... that does not exist yet or is empty (a run that stopped
+    before writing anything): a run is never overwritten."""
+    base = root / f"{model_name.replace('/', '_')}-{recipe_name}"
+    folder, number = base, 2
+    while folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        folder, number = base.with_name(f"{base.name}-{number}"), number + 1
+    return folder
+
+
+def newest_run(root: Path = RUNS) -> Path:
+    """The run folder under `root` whose packed model (or, for an unfinished run, run.json) changed last."""
+    from didbq.export.loader import MODEL_FILE
+
+    runs = [(folder / MODEL_FILE if (folder / MODEL_FILE).exists() else folder / "run.json", folder)
+            for folder in (root.iterdir() if root.is_dir() else []) if (folder / "run.json").exists()]
+    if not runs:
+        raise DidbqError(f"no run folder under {root}/ (none has a run.json); give a run folder, a packed file or "
+                         f"a model name")
+    return max(runs, key=lambda pair: pair[0].stat().st_mtime)[1]

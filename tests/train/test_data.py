@@ -191,8 +191,9 @@ def test_csv_with_image_paths_and_string_labels(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------- hub
 def test_unknown_hub_name_offline_fails_fast() -> None:
     start = time.perf_counter()
-    with pytest.raises(DidbqError, match=r"dataset 'cifar100' is not available offline: .*go online or give a "
-                                         r"local folder/file \(didbq supports: fashion-mnist, digits"):
+    with pytest.raises(DidbqError, match=r"dataset 'cifar100' is not available offline: .*go online, or train "
+                                         r"offline on --data fashion-mnist or a local folder/file \(didbq supports: "
+                                         r"fashion-mnist, digits"):
         load_image_data("cifar100")
     assert time.perf_counter() - start < 10
 
