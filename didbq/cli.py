@@ -131,7 +131,7 @@ def binarize(model_name: str | None, recipe: str | None, data: str | None, out: 
             raise click.UsageError(f"missing --data (recipe {recipe_obj.name} names no data.source)")
         if out is None:
             out = new_run_folder(model_name, recipe_obj.name)
-            errors.print(f"output: {out}", markup=False, highlight=False)
+            errors.print(f"output: {out}", markup=False, highlight=False, soft_wrap=True)
     context = distributed.setup(device)
     log = (lambda message: errors.print(message, markup=False, highlight=False)) if context.is_main else _quiet
     try:
@@ -161,7 +161,8 @@ def _timm_name(name: str) -> str:
 
     resolved = resolve_model_name(name)
     if resolved != name:
-        errors.print(f"{name} -> {resolved} (timm's default for the name)", markup=False, highlight=False)
+        errors.print(f"{name} -> {resolved} (timm's default for the name)", markup=False, highlight=False,
+                     soft_wrap=True)
     return resolved
 
 
@@ -241,7 +242,8 @@ def report(target: str | None, recipe: str | None, model_arg: tuple[str, ...], f
         from didbq.train.run_folder import newest_run
 
         target = str(newest_run())
-        errors.print(f"reporting {target} (the newest run under ./runs)", markup=False, highlight=False)
+        errors.print(f"reporting {target} (the newest run under ./runs)", markup=False, highlight=False,
+                     soft_wrap=True)
     path = Path(target)
     if path.exists():
         if recipe or model_arg or fp16:
@@ -266,9 +268,11 @@ def report(target: str | None, recipe: str | None, model_arg: tuple[str, ...], f
 @cli.command()
 @click.argument("source", metavar="RUN_OR_FILE", type=click.Path(path_type=Path))
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="File to write.")
-@click.option("--format", "form", type=click.Choice(["packed", "float"]), default="packed", show_default=True,
+@click.option("--format", "form", type=click.Choice(["packed", "float", "hub"]), default="packed",
+              show_default=True,
               help="packed: the packed format again (e.g. with --fp16 or --word-bits 32); float: an unpacked "
-                   "state dict with binary weights expanded to signs * scale, for inspection.")
+                   "state dict with binary weights expanded to signs * scale, for inspection; hub: a folder in "
+                   "the Hugging Face Hub's layout (model.safetensors, config.json, a model card README.md).")
 @click.option("--fp16", is_flag=True, help="Store the floating-point tensors (and scales) in fp16.")
 @click.option("--word-bits", type=click.Choice(["8", "32"]), default="8", show_default=True,
               help="packed: 8 signs per uint8 or 32 per int32 word.")
@@ -280,13 +284,66 @@ def export(source: Path, out: Path, form: str, fp16: bool, word_bits: str, force
 
     written = export_model(source, out, format=form, fp_dtype="float16" if fp16 else "float32",
                            word_bits=int(word_bits), force=force)
-    console.print(f"wrote {written} ({written.stat().st_size:,} bytes, {form})")
+    size = sum(f.stat().st_size for f in written.rglob("*")) if written.is_dir() else written.stat().st_size
+    console.print(f"wrote {written} ({size:,} bytes, {form})")
+
+
+@cli.command()
+@click.argument("source", metavar="RUN_OR_FILE", type=click.Path(path_type=Path))
+@click.argument("repo_id", metavar="ORG/NAME")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+def push(source: Path, repo_id: str, private: bool) -> None:
+    """Upload the model of RUN_OR_FILE to the Hugging Face Hub model repository ORG/NAME (created if needed):
+    the packed model.safetensors, a timm-style config.json and a model card with the measured size, cost and
+    accuracies. Needs a network and `huggingface-cli login`; load it back with didbq.load('hf-hub:ORG/NAME')."""
+    from didbq.export.hub import push as push_model
+
+    console.print(f"pushed to {push_model(source, repo_id, private)}")
 
 
 def _runtime_in_use(runtime: str) -> str:
     from didbq.runtime import kernel_name, kernels
 
     return "reference" if runtime == "reference" or kernels() is None else f"packed, {kernel_name()}"
+
+
+@cli.command()
+@click.argument("source", metavar="RUN_OR_FILE", type=click.Path(path_type=Path))
+@click.argument("images", metavar="IMAGE_OR_FOLDER...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", "-k", type=int, default=5, show_default=True, help="Classes listed per image.")
+@click.option("--batch", "-b", "batch_size", type=int, default=64, show_default=True, help="Images per forward.")
+@click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default="auto", show_default=True, help=RUNTIME_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
+def predict(source: Path, images: tuple[Path, ...], top_k: int, batch_size: int, runtime: str,
+            as_json: bool) -> None:
+    """Class names and probabilities of the model in RUN_OR_FILE for image files and folders (read recursively,
+    in batches), with timm's evaluation transform from the run's preprocessing. Unreadable images are reported
+    and skipped; the exit code is 2 only if none could be read."""
+    from rich.progress import Progress
+
+    import didbq
+    from didbq.predict import image_files
+    from didbq.predict import predict as run_predict
+
+    model = didbq.load(source, runtime=runtime)
+    total = len(image_files(images))
+    with Progress(console=errors, transient=True, disable=as_json or total <= batch_size) as progress:
+        task = progress.add_task("predicting", total=total)
+        result = run_predict(model, images, top_k, batch_size, lambda n: progress.advance(task, n))
+    for image, reason in result.unreadable:
+        errors.print(f"skipped {image}: {reason}", markup=False, highlight=False, soft_wrap=True)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+    else:
+        table = Table(title=f"{source}: top-{top_k}", title_justify="left")
+        for column in ("image", "class", "probability"):
+            table.add_column(column)
+        for prediction in result.predictions:
+            for rank, (name, probability) in enumerate(prediction.top):
+                table.add_row(prediction.image if rank == 0 else "", name, f"{probability:.3f}")
+        console.print(table)
+    if not result.predictions:
+        raise DidbqError(f"none of the {total} images could be read (see above)")
 
 
 @cli.command()

@@ -31,6 +31,7 @@ from didbq.convert.recipe import (
     exactly_one_length,
     line_of,
     read_yaml,
+    read_yaml_file,
     validated,
 )
 from didbq.errors import DidbqError, RecipeError, StudyError
@@ -174,10 +175,7 @@ class StudyPlan:
 
 def load_study(path: Path) -> StudyPlan:
     """The validated study and every run's recipe; mistakes are one line naming the file, line and key."""
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise StudyError(f"{path}: cannot read the study ({error.strerror})") from None
+    text = read_yaml_file(path, "study", "studies/ci.yaml", StudyError)
     node, data = read_yaml(text, str(path), StudyError)
     if not isinstance(data, dict):
         raise StudyError(f"{path}: a study is a YAML mapping (see studies/ci.yaml)")
@@ -245,7 +243,7 @@ def _budgeted(stages: list[dict[str, Any]], budget: Budget, trial: Optimizer | N
     optimizer = budget.optimizer.model_dump(exclude_unset=True) if budget.optimizer else {}
     optimizer.update(trial.model_dump(exclude_unset=True) if trial else {})
     schedule = budget.schedule.model_dump(exclude_unset=True) if budget.schedule else {}
-    return [{**stage, **length, "optimizer": {**(stage.get("optimizer") or {}), **optimizer},
+    return [{**stage, **length, "min_steps": None, "optimizer": {**(stage.get("optimizer") or {}), **optimizer},
              "schedule": {**(stage.get("schedule") or {}), **schedule}} for stage in stages]
 
 

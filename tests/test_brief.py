@@ -73,9 +73,21 @@ def test_the_briefs_command_completes_on_digits_and_report_finds_it(tmp_path: Pa
     done = didbq_cli("binarize", "deit_small", "--recipe", f"{RECIPE}{TINY}", "--data", "digits",
                      "--teacher-checkpoint", str(tmp_path / "teacher.safetensors"), "--no-progress", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+    assert "warning: the teacher's top-1" in done.stderr and "better --teacher-checkpoint" in done.stderr  # untrained
     run = tmp_path / "runs" / "deit_small_patch16_224-didb"
     assert json.loads((run / "run.json").read_text())["model_name"] == "deit_small_patch16_224"
     report = didbq_cli("report", "--json", cwd=tmp_path)
     assert report.returncode == 0, report.stderr
     assert "reporting runs/deit_small_patch16_224-didb (the newest run under ./runs)" in report.stderr
     assert json.loads(report.stdout)["file"]["path"].endswith("model.safetensors")
+
+
+def test_a_binary_recipe_or_study_file_is_one_line(tmp_path: Path) -> None:
+    binary = tmp_path / "recipe.yaml"
+    binary.write_bytes(b"\x80\x81\x00\xffbinary")
+    for args in (["plan", "test_vit", "--recipe", str(binary)], ["study", str(binary), "--out", str(tmp_path / "o")]):
+        done = didbq_cli(*args, cwd=tmp_path)
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert done.stderr.strip() == (f"didbq: error: {binary}: not a text (UTF-8) file: byte 0 is 0x80; a "
+                                       f"{args[0] if args[0] == 'study' else 'recipe'} is YAML (see "
+                                       f"{'studies/ci.yaml' if args[0] == 'study' else 'recipes/didb.yaml'})")

@@ -166,6 +166,8 @@ class Stage(Strict):
     activations: Literal["binary", "fp"] = "binary"
     epochs: float | None = Field(None, gt=0)
     steps: int | None = Field(None, gt=0)
+    min_steps: int | None = Field(None, gt=0, description="with epochs: at least this many steps, so that an epoch "
+                                                          "budget does not collapse on a small dataset")
     init_from: str | None = Field(None, description="name of an earlier stage whose weights start this one")
     teacher: Literal["teacher", "previous_stage"] = Field(
         "teacher", description="previous_stage: BiT-style multi-step distillation")
@@ -205,6 +207,7 @@ class DataSection(Strict):
 class TeacherSection(Strict):
     pretrained: bool = Field(True, description="timm hub weights when no --teacher-checkpoint is given")
     train: Stage | None = Field(None, description="full-precision fine-tuning of the teacher before distillation")
+    min_top1: float = Field(70.0, ge=0, le=100, description="warn when the teacher's test top-1 (%) is below this")
 
     @field_validator("train")
     @classmethod
@@ -363,10 +366,19 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
 def read_recipe_text(recipe: str | Path) -> tuple[Path, str]:
     """The path and text of a recipe file or built-in recipe name."""
     path = resolve_recipe_path(recipe)
+    return path, read_yaml_file(path, "recipe", "recipes/didb.yaml")
+
+
+def read_yaml_file(path: Path, what: str, example: str, error_type: type[DidbqError] = RecipeError) -> str:
+    """The text of a YAML file, or a one-line error: unreadable, or not UTF-8 text (a binary file given by
+    mistake)."""
     try:
-        return path, path.read_text()
+        return path.read_text(encoding="utf-8")
     except OSError as error:
-        raise RecipeError(f"{path}: cannot read the recipe ({error.strerror})") from None
+        raise error_type(f"{path}: cannot read the {what} ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise error_type(f"{path}: not a text (UTF-8) file: byte {error.start} is "
+                         f"{error.object[error.start]:#04x}; a {what} is YAML (see {example})") from None
 
 
 def load_recipe(recipe: str | Path | Recipe) -> Recipe:

@@ -35,7 +35,11 @@ class Loaded:
 
 
 def resolve(path: Path | str) -> Path:
-    """A packed file, or the model.safetensors of a run folder."""
+    """A packed file, the model.safetensors of a run folder or a Hub folder, or of `hf-hub:ORG/NAME`."""
+    if str(path).startswith("hf-hub:"):
+        from didbq.export.hub import download
+
+        path = download(str(path))
     path = Path(path)
     if not path.is_dir():
         return path
@@ -61,7 +65,23 @@ def rebuild(path: Path | str) -> Loaded:
         warnings.simplefilter("ignore")  # rules that match nothing were reported when the model was converted
         conversion = convert(model, stored_recipe(packed))
     apply_packed(model, packed)
+    carry_preprocessing(model, metadata)
     return Loaded(model.eval(), conversion, packed)
+
+
+def carry_preprocessing(model: nn.Module, metadata: dict) -> None:
+    """The run's preprocessing and labels in the model's pretrained_cfg (input size, mean, std, interpolation,
+    crop, num_classes, label_names), so that timm.data.resolve_data_config({}, model=model) and create_transform
+    give what training evaluated with. Files without them (written outside a run) keep timm's own."""
+    update = dict(metadata.get("preprocessing") or {})
+    if update:
+        update["input_size"] = tuple(update["input_size"])
+        update["mean"], update["std"] = tuple(update["mean"]), tuple(update["std"])
+    if metadata.get("class_names"):
+        update.update(num_classes=len(metadata["class_names"]), label_names=list(metadata["class_names"]))
+    if update:
+        model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **update}
+        model.default_cfg = model.pretrained_cfg
 
 
 def load(path: Path | str, runtime: str = "auto") -> nn.Module:
@@ -142,8 +162,8 @@ def apply_packed(model: nn.Module, packed: PackedFile) -> None:
             module.enabled = activations if isinstance(activations, bool) else name in activations
 
 
-EXPORT_FORMATS = ("packed", "float")
-_CARRIED = ("results", "metrics", "class_names", "data")  # run metadata a re-export keeps
+EXPORT_FORMATS = ("packed", "float", "hub")
+_CARRIED = ("results", "metrics", "class_names", "data", "preprocessing")  # run metadata a re-export keeps
 
 
 def export(source: Path | str, out: Path | str, *, format: str = "packed", fp_dtype: str = "float32",
@@ -153,13 +173,18 @@ def export(source: Path | str, out: Path | str, *, format: str = "packed", fp_dt
       the same signs and scales);
     - float: an unpacked safetensors state dict for inspection, each binary weight expanded to signs * scale
       (`weight`); other tools can read it, but it is not a training checkpoint (the latent weights are not in
-      it) and didbq.load reads packed files only.
+      it) and didbq.load reads packed files only;
+    - hub: a folder in the Hugging Face Hub's layout (didbq.export.hub.export_hub), which didbq.load reads.
     """
     from didbq.export.format import write_float, write_packed
 
     out = Path(out)
     if format not in EXPORT_FORMATS:
         raise DidbqError(f"unknown export format {format!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    if format == "hub":
+        from didbq.export.hub import export_hub
+
+        return export_hub(source, out, force)
     if out.exists() and not force:
         raise DidbqError(f"{out} exists; pass --force to overwrite it")
     loaded = rebuild(source)

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import datasets
@@ -252,6 +253,15 @@ def _load_hub(name: str) -> dict[str, datasets.Dataset]:
 def _offline_message(name: str, reason: str) -> str:
     return (f"dataset '{name}' is not available offline: {reason}; go online, or train offline on "
             f"--data fashion-mnist or a local folder/file (didbq supports: {SUPPORTED})")
+
+
+def hub_problem() -> str | None:
+    """Why the Hugging Face hub cannot be used now (offline flags, or no connection within a few seconds), or
+    None: what hub commands check first, so that they fail at once with one line instead of retrying."""
+    if _offline():
+        return "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set"
+    endpoint = _hub_endpoint()
+    return None if _hub_reachable(endpoint) else f"{endpoint} cannot be reached"
 
 
 def _offline() -> bool:
@@ -603,6 +613,13 @@ def transform_spec_for(
         augment=augment,
         interpolation=interpolation if interpolation in INTERPOLATIONS else "bilinear",
     )
+
+
+def preprocessing(spec: TransformSpec) -> dict[str, Any]:
+    """What a packed file records of the evaluation transform, in timm's pretrained_cfg keys: the images are
+    resized straight to the input size (crop_pct 1.0 of a square image) and normalised."""
+    return {"input_size": list(spec.input_size), "mean": list(spec.mean), "std": list(spec.std),
+            "interpolation": spec.interpolation, "crop_pct": 1.0, "crop_mode": "center"}
 
 
 def _full_input_size(size: int | tuple[int, ...], channels: int) -> tuple[int, int, int]:

@@ -48,6 +48,7 @@ from didbq.train.data import (
     batches_for_rank,
     epoch_order,
     load_image_data,
+    preprocessing,
     transform_spec_for,
 )
 from didbq.train.distributed import Distributed
@@ -195,6 +196,7 @@ class Run:
                 if "teacher" not in state.results and self.context.is_main:
                     state.results["teacher"] = self._evaluate(teacher, test_set)
                     self.log(f"teacher: top-1 {state.results['teacher']['top1']:.2f}%")
+                    self._check_teacher(state.results["teacher"]["top1"])
             if mid_phase is None:
                 self._start_weights(phase, phases, student)
             kd_teacher = self._kd_teacher(phase, phases, teacher, student)
@@ -218,8 +220,11 @@ class Run:
         from didbq.report import report_for_file
 
         run = json.loads((self.out / "run.json").read_text())
+        spec = self.recipe.data
+        evaluation = transform_spec_for(student, augment="none", input_size=spec.input_size, mean=spec.mean,
+                                        std=spec.std)
         extra = {"results": results, "metrics": self._final_metrics(), "class_names": run["class_names"],
-                 "data": run["data"]}
+                 "data": run["data"], "preprocessing": preprocessing(evaluation)}
         path = write_packed(student, self.out / MODEL_FILE, model_name=run["model_name"],
                             model_args=run["model_args"], recipe=self.recipe, extra=extra)
         write_json(self.out / "report.json", report_for_file(path).as_dict())
@@ -285,12 +290,7 @@ class Run:
     # ------------------------------------------------------------------ one phase
 
     def _steps(self, stage: Stage, train_set: TransformedImages) -> tuple[int, int]:
-        per_epoch = len(train_set) // self.recipe.data.batch_size
-        if per_epoch == 0:
-            raise DidbqError(f"the batch size {self.recipe.data.batch_size} is larger than the {len(train_set)} "
-                             f"training images; lower data.batch_size")
-        total = stage.steps if stage.steps is not None else max(1, math.ceil(stage.epochs * per_epoch))
-        return per_epoch, total
+        return stage_steps(stage, len(train_set), self.recipe.data.batch_size)
 
     def _train_phase(self, phase: Phase, model: nn.Module, kd_teacher: nn.Module | None,
                      train_set: TransformedImages, test_set: TransformedImages, state: RunState,
@@ -392,7 +392,18 @@ class Run:
                      f"({result['train_s']:.0f} s training)")
             if not phase.trains_teacher:
                 save_weights(self._stage_file(phase.name), model)
+            elif not self.recipe.stages:  # a teacher-only recipe: no student phase will look at it
+                self._check_teacher(result["top1"])
         self._checkpoint(phase.index + 1, 0, model, None, None, state)
+
+    def _check_teacher(self, top1: float) -> None:
+        """A weak teacher bounds every student distilled from it: say so, and what to change."""
+        floor = self.recipe.teacher.min_top1
+        if top1 < floor:
+            fix = ("train it longer (teacher.train.epochs or steps)" if self.recipe.teacher.train is not None
+                   else "give a better --teacher-checkpoint")
+            self.log(f"warning: the teacher's top-1 {top1:.2f}% is below teacher.min_top1 {floor:g}%: the students "
+                     f"learn from it; {fix}")
 
     def _evaluate(self, model: nn.Module, test_set: TransformedImages) -> dict[str, float]:
         return evaluate(model, test_set, self.recipe.data.eval_batch_size, self.device)
@@ -420,6 +431,17 @@ class Run:
 
 def _logits(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def stage_steps(stage: Stage, images: int, batch_size: int) -> tuple[int, int]:
+    """(steps per epoch, the stage's steps): its steps, or its epochs of `images` but at least its min_steps."""
+    per_epoch = images // batch_size
+    if per_epoch == 0:
+        raise DidbqError(f"the batch size {batch_size} is larger than the {images} training images; lower "
+                         f"data.batch_size")
+    if stage.steps is not None:
+        return per_epoch, stage.steps
+    return per_epoch, max(1, stage.min_steps or 1, math.ceil(stage.epochs * per_epoch))
 
 
 def load_data(source: str, recipe: Recipe) -> ImageData:

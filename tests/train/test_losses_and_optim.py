@@ -73,3 +73,14 @@ def test_attention_scores_are_tapped_for_bits_multi_distillation() -> None:
     scores, probabilities = taps[0].outputs["blocks.0.attn"], binarized.outputs["blocks.0.attn"]
     assert scores.shape == probabilities.shape and (scores < 0).any() and (probabilities >= 0).all()
     assert torch.isfinite(tapped_mse(*taps))
+
+
+def test_min_steps_keeps_an_epoch_budget_from_collapsing_on_small_data() -> None:
+    from didbq.convert.recipe import Stage
+    from didbq.train.runner import stage_steps
+
+    stage = Stage(name="s", epochs=2, min_steps=300)
+    assert stage_steps(stage, 20000, 128) == (156, 312)  # the quickstart's own data: the epochs decide
+    assert stage_steps(stage, 4000, 128) == (31, 300)  # a small set: at least min_steps
+    assert stage_steps(Stage(name="s", epochs=2), 4000, 128) == (31, 62)
+    assert stage_steps(Stage(name="s", steps=7, min_steps=300), 4000, 128) == (31, 7)
