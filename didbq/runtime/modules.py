@@ -57,9 +57,10 @@ class PackedBinaryAttention(BinaryAttention):
     matrix, no mask and no dropout. Every other call, and the `scores` / `probabilities` / `aggregate` steps that
     adapters call one by one, run the float path. A core becomes one in place (`adopt`), keeping its parameters.
 
-    The result equals the float path up to float rounding (the kernel sums a * (±1) as a * integer, and takes
-    its exponentials from a table), which can flip a mask entry whose probability lies within rounding of its
-    threshold; tests bound the difference on real images."""
+    The products are exact on both paths (a has 12 significant bits, so the float path's sums of ±a are exact;
+    the kernel multiplies an integer count by a). The softmax is not torch's: the kernel takes its exponentials
+    from a table, so a mask entry whose probability lies within rounding of its threshold could differ; the
+    tests and `didbq bench` compare whole models to the last bit (no difference seen)."""
 
     @classmethod
     def adopt(cls, core: BinaryAttention) -> None:
@@ -69,16 +70,16 @@ class PackedBinaryAttention(BinaryAttention):
         core.kernel_shifts = [float_vector(getattr(b, "shift", None)) for b in binarizers]
         core.kernel_scale = float_vector(core.prob_binarizer.value())
 
-    def _fused(self, q: torch.Tensor, attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool) -> bool:
-        return (not self.training and attn_mask is None and not is_causal and (dropout_p == 0 or not self.training)
-                and self.hfsc == "off" and q.dim() == 4 and q.dtype == torch.float32 and q.device.type == "cpu"
+    def _fused(self, q: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> bool:
+        """Whether this call runs in the kernel (in eval mode dropout does nothing on either path)."""
+        return (not self.training and attn_mask is None and not is_causal and self.hfsc == "off" and q.dim() == 4 and q.dtype == torch.float32 and q.device.type == "cpu"
                 and all(_binary_sign(b) for b in (self.q_binarizers[0], self.k_binarizers[0], self.v_binarizer))
                 and self.prob_binarizer.enabled and self.prob_binarizer.kind in PROBABILITY_KINDS)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                 enable_gqa: bool = False) -> torch.Tensor:
-        if not self._fused(q, attn_mask, dropout_p, is_causal) or k.shape[-3] != q.shape[-3]:
+        if not self._fused(q, attn_mask, is_causal) or k.shape[-3] != q.shape[-3]:
             return super().forward(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         self.record_call(q, k, v)
         shifts, prob_scale = self.kernel_shifts, self.kernel_scale

@@ -133,4 +133,4 @@ def test_masked_or_training_calls_take_the_float_path() -> None:
     mask[:, 5] = float("-inf")
     with torch.no_grad():
         assert torch.equal(packed(q, k, v, attn_mask=mask), core(q, k, v, attn_mask=mask))
-    assert not packed._fused(q, mask, 0.0, False) and packed._fused(q, None, 0.0, False)
+    assert not packed._fused(q, mask, False) and packed._fused(q, None, False)
