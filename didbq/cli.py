@@ -366,6 +366,8 @@ def bench(target: str, recipe: str | None, model_arg: tuple[str, ...], batches: 
     from didbq.runtime.bench import LABELS, MODELS
     from didbq.runtime.bench import bench as run_bench
 
+    if not Path(target).exists() and "/" not in target and not target.endswith(".safetensors"):
+        target = _timm_name(target)
     with console.status("timing ...") if not as_json else _nothing():
         result = run_bench(target, recipe, _parse_model_args(model_arg), tuple(batches), threads, rounds)
     if as_json:
