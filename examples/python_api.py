@@ -16,12 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import didbq  # import didbq before timm (it makes the CPU torchvision importable)
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import didbq  # import didbq before timm (it makes the CPU torchvision importable)
 from didbq.export import write_packed
 from didbq.nn import set_binarization
 from didbq.predict import predict
