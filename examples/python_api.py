@@ -1,13 +1,15 @@
 """didbq as a library, without the CLI: build a timm ViT, binarize it, train it with your own loop, write the
 packed file, load it back on the packed runtime and classify PNG images.
 
-    HF_HUB_OFFLINE=1 python examples/python_api.py                  # 300 steps on 3,000 images: ~20 s on 2 cores
+    HF_HUB_OFFLINE=1 python examples/python_api.py                  # 300 steps on 3,000 images: 10-30 s on 2 cores
     python examples/python_api.py --short                           # 40 steps: a smoke test
     python examples/python_api.py --steps 600 --train-limit 20000   # longer: a better model
     python examples/python_api.py --out my_run                      # keep the packed file and the images
 
 Needs Fashion-MNIST offline (Debian's dataset-fashion-mnist, `make data`). `didbq binarize` does all of this with
 a teacher, distillation, checkpoints and resume; this file shows the pieces it is made of.
+On a machine busy with other work, set OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads are many times
+slower when they share the cores.
 """
 from __future__ import annotations
 

@@ -42,12 +42,14 @@
 #   KEEP_WORK=1        keep the temporary folder (run folders, logs) and print its path
 #   FAIL_FAST=1        stop at the first failed backbone
 #   DIDBQ              the didbq command, default `didbq` on PATH, else this checkout's .venv/bin/didbq
+#   OMP_WAIT_POLICY    default PASSIVE (spinning OpenMP threads are 30-70x slower on a runner shared with
+#                      other work)
 #   PYTHON             a Python with didbq installed (JSON parsing, the random teacher); default: the one next to
 #                      the didbq command, else python3
 set -euo pipefail
 
 usage() {
-    sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' >&2
     echo "See the header of $0 for the gates and environment variables." >&2
 }
 
@@ -309,7 +311,8 @@ run_model() {   # run_model MODEL: 0 when every gate and step passed
         SUMMARY+=("FAIL  $model: binarize failed ($(tail -1 "$log")); $plan_line")
         return 1
     fi
-    grep -E 'top-1' "$log" | sed 's/^/        /' || true
+    grep -E '^[A-Za-z0-9_.-]+: top-1' "$log" | sed 's/^/        /' || true
+    [[ -z $TEACHER_CHECKPOINT ]] && echo "        (a random teacher and a few steps: chance-level accuracy is expected)"
     if ! "${DIDBQ_CMD[@]}" report "$dir/run" --json >"$dir/report.json" 2>"$log"; then
         echo "  FAIL  report: didbq report exited with an error:"
         sed 's/^/        /' "$log" | tail -5
