@@ -27,11 +27,8 @@ def retain_freed_memory() -> bool:
     Returns whether the settings took effect: False where the C library is not glibc (macOS, musl), which is
     left unchanged. Call it early: arenas that threads have already created stay.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return all(mallopt(option, value) == 1 for option, value in
@@ -42,11 +39,18 @@ def release_freed_memory() -> bool:
     """Hand the heap's free pages back to the system (glibc malloc_trim), e.g. after a packed model was built
     from a float one, so the process's resident memory shows what the model holds rather than what building it
     took. Returns False where the C library is not glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+    malloc_trim = _glibc("malloc_trim")
+    if malloc_trim is None:
         return False
     malloc_trim.argtypes = [ctypes.c_size_t]
     return bool(malloc_trim(0))
+
+
+def _glibc(function: str) -> ctypes._CFuncPtr | None:
+    """A glibc function, or None where the C library is not glibc (macOS, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), function)
+    except (OSError, AttributeError):
+        return None

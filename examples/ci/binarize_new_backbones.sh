@@ -268,6 +268,13 @@ PY
 # ---------------------------------------------------------------------------------------------- main
 SUMMARY=()
 failures=0
+# A failed step: its last log lines, and a summary line (the plan's line appended once there is one).
+step_failed() {
+    echo "  FAIL  $1: $2:"
+    sed 's/^/        /' "$log" | tail -5
+    SUMMARY+=("FAIL  $model: $1 failed ($(tail -1 "$log"))$3")
+}
+
 run_model() {   # run_model MODEL: 0 when every gate and step passed
     local model=$1 safe dir log status
     safe=$(printf '%s' "$model" | tr -c 'A-Za-z0-9_.-' '_')
@@ -277,9 +284,7 @@ run_model() {   # run_model MODEL: 0 when every gate and step passed
 
     echo "== $model: didbq plan $model --recipe '$RECIPE' ${PLAN_ARGS[*]}"
     if ! "${DIDBQ_CMD[@]}" plan "$model" --recipe "$RECIPE" "${PLAN_ARGS[@]}" --json >"$dir/plan.json" 2>"$log"; then
-        echo "  FAIL  plan: didbq plan exited with an error:"
-        sed 's/^/        /' "$log" | tail -5
-        SUMMARY+=("FAIL  $model: plan failed ($(tail -1 "$log"))")
+        step_failed plan "didbq plan exited with an error" ""
         return 1
     fi
     [[ -n $REPORT_DIR ]] && cp "$dir/plan.json" "$REPORT_DIR/$safe.plan.json"
@@ -297,26 +302,20 @@ run_model() {   # run_model MODEL: 0 when every gate and step passed
     if [[ -z $teacher ]]; then
         teacher=$dir/teacher.safetensors
         if ! "$PYTHON" -c "$TEACHER_PY" "$model" "$TRAIN_RECIPE" "$DATA" "$teacher" 2>"$log"; then
-            echo "  FAIL  teacher: could not build a random teacher:"
-            sed 's/^/        /' "$log" | tail -5
-            SUMMARY+=("FAIL  $model: teacher failed ($(tail -1 "$log")); $plan_line")
+            step_failed teacher "could not build a random teacher" "; $plan_line"
             return 1
         fi
     fi
     echo "  didbq binarize $model --recipe '$TRAIN_RECIPE' --data $DATA"
     if ! "${DIDBQ_CMD[@]}" binarize "$model" --recipe "$TRAIN_RECIPE" --data "$DATA" --out "$dir/run" \
             --teacher-checkpoint "$teacher" --device "$DEVICE" --no-progress >"$dir/binarize.txt" 2>"$log"; then
-        echo "  FAIL  binarize: didbq binarize exited with an error:"
-        sed 's/^/        /' "$log" | tail -5
-        SUMMARY+=("FAIL  $model: binarize failed ($(tail -1 "$log")); $plan_line")
+        step_failed binarize "didbq binarize exited with an error" "; $plan_line"
         return 1
     fi
     grep -E '^[A-Za-z0-9_.-]+: top-1' "$log" | sed 's/^/        /' || true
     [[ -z $TEACHER_CHECKPOINT ]] && echo "        (a random teacher and a few steps: chance-level accuracy is expected)"
     if ! "${DIDBQ_CMD[@]}" report "$dir/run" --json >"$dir/report.json" 2>"$log"; then
-        echo "  FAIL  report: didbq report exited with an error:"
-        sed 's/^/        /' "$log" | tail -5
-        SUMMARY+=("FAIL  $model: report failed ($(tail -1 "$log")); $plan_line")
+        step_failed report "didbq report exited with an error" "; $plan_line"
         return 1
     fi
     [[ -n $REPORT_DIR ]] && cp "$dir/report.json" "$REPORT_DIR/$safe.report.json"
