@@ -64,12 +64,25 @@ class StudyData(DataSection):
     source: str = Field(description="what `didbq binarize --data` takes: fashion-mnist, digits, a folder, a file")
 
 
+class TeacherData(DataSection):
+    """The keys given here replace the study's data keys in the teacher run (`train_limit: null` = every image);
+    the students keep the study's."""
+
+    @model_validator(mode="after")
+    def _same_source(self) -> "TeacherData":
+        if "source" in self.model_fields_set:
+            raise ValueError("source: the teacher trains on the study's data.source")
+        return self
+
+
 class StudyTeacher(TeacherSection):
     """Trained here by `train` (labels only; name, precision and loss are filled in), or a checkpoint."""
 
     pretrained: bool = Field(False, description="start `train` from timm's pretrained weights (needs a network)")
     checkpoint: str | None = Field(None, description="full-precision weights, relative to the study file; "
                                                      "with `train`: fine-tuned first")
+    data: TeacherData | None = Field(None, description="data keys of the teacher run only, over the study's (e.g. "
+                                                       "all training images and augmentation: a stronger teacher)")
 
     @model_validator(mode="before")
     @classmethod
@@ -207,7 +220,8 @@ def _run_section(study: Study, seed: int) -> dict[str, Any]:
 def _teacher_recipe(study: Study) -> Recipe:
     teacher = study.teacher
     data = {"name": f"{study.name}-teacher", "description": f"the full-precision teacher of study {study.name}",
-            "model": {"args": study.model.args}, "data": _data_section(study),
+            "model": {"args": study.model.args},
+            "data": {**_data_section(study), **(teacher.data.model_dump(exclude_unset=True) if teacher.data else {})},
             "teacher": {"pretrained": teacher.pretrained, "train": teacher.train.model_dump()},
             "run": _run_section(study, study.seed)}
     return validated(Recipe, data, f"{study.name}: teacher")

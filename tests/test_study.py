@@ -119,6 +119,8 @@ BAD_STUDIES = {  # case -> (study text, what the one-line error must say)
     "run seed": (GOOD.replace("run: {", "run: {seed: 3, "), "run.seed"),
     "bad name": (GOOD.replace("name: bit,", "name: b/t,"), "students.2.name"),
     "zero epochs": (GOOD.replace("recipe: bit}", "recipe: bit, epochs: 0}"), "students.2.epochs"),
+    "teacher source": (GOOD.replace("teacher:\n", "teacher:\n  data: {source: digits}\n"), "teacher.data"),
+    "teacher data key": (GOOD.replace("teacher:\n", "teacher:\n  data: {limit: 5}\n"), "teacher.data.limit"),
 }
 
 
@@ -205,3 +207,16 @@ def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
     with pytest.raises(SystemExit) as exit_:
         main(args)
     return exit_.value.code, capsys.readouterr().err
+
+
+def test_teacher_data_keys_apply_to_the_teacher_only(tmp_path: Path) -> None:
+    """A stronger teacher on every training image; the students keep the study's subset."""
+    path, subset = tmp_path / "study.yaml", GOOD.replace("augment: none}", "augment: none, train_limit: 500}")
+    path.write_text(subset.replace("teacher:\n", "teacher:\n  data: {train_limit: null, augment: light}\n"))
+    plain_path = tmp_path / "plain.yaml"
+    plain_path.write_text(subset)
+    plan, plain = load_study(path), load_study(plain_path)
+    assert plain.teacher.recipe.data.train_limit == 500
+    assert (plan.teacher.recipe.data.train_limit, plan.teacher.recipe.data.augment) == (None, "light")
+    assert plan.teacher.recipe.data.batch_size == plain.teacher.recipe.data.batch_size
+    assert [run.recipe.data for run in plan.students] == [run.recipe.data for run in plain.students]
