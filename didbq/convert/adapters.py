@@ -34,6 +34,12 @@ def _force_fused(module: nn.Module) -> None:
     module.fused_attn = True
 
 
+def _fused_where_offered(module: nn.Module) -> None:
+    """A class found by what it does: take its SDPA branch where it has one (else it computes by hand)."""
+    if hasattr(module, "fused_attn"):
+        module.fused_attn = True
+
+
 def _fused_with_separate_bias(module: nn.Module) -> None:
     module.fused_attn = True
     module.qkv_bias_separate = True
@@ -46,7 +52,7 @@ def _qk_rows(module: nn.Module) -> torch.Tensor | None:
         return qkv.weight.detach()[: 2 * qkv.weight.shape[0] // 3].clone()
     for q_name, k_name in (("q", "k"), ("wq", "wk"), ("q_proj", "k_proj")):
         q, k = getattr(module, q_name, None), getattr(module, k_name, None)
-        if q is not None and k is not None:
+        if isinstance(getattr(q, "weight", None), torch.Tensor) and isinstance(getattr(k, "weight", None), torch.Tensor):
             return torch.cat([q.weight.detach(), k.weight.detach()]).clone()
     return None
 
@@ -66,15 +72,24 @@ def _channel_layout(model: nn.Module, tokens: int) -> TokenLayout:
 
 @dataclass(frozen=True)
 class AttentionAdapter:
+    """How one attention class is converted. A registered class knows its route; an unregistered class that looks
+    like attention gets a `found` adapter, whose route (SDPA or explicit) the converter's probe decides."""
+
     family: str
     prepare: Callable[[nn.Module], None] = _force_fused
     forward: Callable[..., torch.Tensor] | None = None
     layout: Callable[[nn.Module, int], TokenLayout] = _same_layout
     qk_weight: Callable[[nn.Module], torch.Tensor | None] = _qk_rows
+    found: bool = False
 
     @property
     def route(self) -> str:
         return "adapter" if self.forward is not None else "sdpa"
+
+
+def found_adapter(cls: type) -> AttentionAdapter:
+    """The adapter of an unregistered attention class: its family is its timm module (timm.models.levit: levit)."""
+    return AttentionAdapter(cls.__module__.rpartition(".")[2], prepare=_fused_where_offered, found=True)
 
 
 ADAPTERS: Registry[AttentionAdapter] = Registry("attention adapter")
@@ -166,6 +181,14 @@ _register("timm.models.twins.LocallyGroupedAttn", AttentionAdapter("twins (local
 _register("timm.models.twins.GlobalSubSampleAttn", AttentionAdapter("twins (global)"))
 _register("timm.models.crossvit.CrossAttention",
           AttentionAdapter("crossvit", prepare=lambda m: None, forward=_cross_attention_forward))
+
+
+# Token mixers that look like attention but compute no softmax(q kᵀ) v: their products stay full precision (their
+# linears and convolutions follow the recipe's rules), and the plan lists them with this reason.
+FULL_PRECISION_MIXERS: dict[str, str] = {
+    "timm.models.volo.OutlookAttention": "outlook attention (weights from a linear of x, not q·kᵀ)",
+    "timm.models.coat.FactorAttnConvRelPosEnc": "factorized attention (softmax(k)ᵀ v first, then q times it)",
+}
 
 
 def supported_families() -> list[str]:

@@ -15,16 +15,25 @@ from torch import nn
 
 from didbq.convert.adapters import (
     ADAPTERS,
+    FULL_PRECISION_MIXERS,
     FULL_PRECISION_PARTS,
     AttentionAdapter,
     class_key,
+    found_adapter,
     looks_like_attention,
-    supported_families,
 )
 from didbq.convert.matching import first_match
 from didbq.convert.recipe import Recipe, Rule, load_recipe
 from didbq.convert.replacements import REPLACEMENTS
-from didbq.convert.routing import CORE_ATTRIBUTE, original_class, route, unroute
+from didbq.convert.routing import (
+    CORE_ATTRIBUTE,
+    ProductEvent,
+    ProductLog,
+    explicit_attention,
+    original_class,
+    route,
+    unroute,
+)
 from didbq.errors import ConversionCheckError, RecipeError, UnsupportedModelError
 from didbq.nn.attention import ATTENTION_VARIANTS, BinaryAttention
 from didbq.nn.haar import TokenLayout
@@ -82,9 +91,10 @@ def model_input_size(model: nn.Module) -> tuple[int, int, int]:
 
     channels, height, width = resolve_model_data_config(model)["input_size"]
     patch_embed = getattr(model, "patch_embed", None)
-    projection = getattr(patch_embed, "proj", None)
-    if isinstance(projection, nn.Conv2d):
-        channels = projection.in_channels
+    owner = patch_embed if isinstance(patch_embed, nn.Module) else model
+    stem = next((m for m in owner.modules() if isinstance(m, nn.Conv2d)), None)  # the first conv sees the image
+    if stem is not None:
+        channels = stem.in_channels
     for owner in (patch_embed, model):
         size = getattr(owner, "img_size", None)
         if isinstance(size, int):
@@ -105,6 +115,16 @@ def example_input_for(model: nn.Module, batch: int = 1) -> torch.Tensor:
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     path, _, leaf = name.rpartition(".")
     return (model.get_submodule(path) if path else model), leaf
+
+
+def _is_attention(module: nn.Module) -> bool:
+    cls = original_class(module)
+    return class_key(cls) in ADAPTERS or looks_like_attention(cls)
+
+
+def _wraps_attention(module: nn.Module) -> bool:
+    """A block-level wrapper named like attention (maxxvit's PartitionAttention2d): the attention is inside it."""
+    return any(_is_attention(child) for child in module.modules() if child is not module)
 
 
 def _own_parameter_count(module: nn.Module) -> int:
@@ -143,21 +163,13 @@ class _Walk:
             key = class_key(cls)
             if key in ADAPTERS:
                 self.attention[name] = ADAPTERS[key]
-            elif looks_like_attention(cls):
-                self._unknown_attention(name, cls)
+            elif looks_like_attention(cls) and not _wraps_attention(module):
+                self.attention[name] = found_adapter(cls)
             rule = next((r for r in self.recipe.binarize.rules if first_match(r.targets, name, module)), None)
-            if rule is not None and key not in ADAPTERS:
+            if rule is not None and name not in self.attention:
                 self.planned[name] = rule
                 self.rule_hits[id(rule)] += 1
                 inside.append(name)
-
-    def _unknown_attention(self, name: str, cls: type) -> None:
-        message = (f"{name}: attention class {class_key(cls)} is not supported (supported families: "
-                   f"{', '.join(supported_families())}); pass strict=False (CLI: --no-strict) to binarize only "
-                   f"its linear layers and keep its products in full precision")
-        if self.strict:
-            raise UnsupportedModelError(message)
-        warnings.warn(message, stacklevel=3)
 
     def unmatched_rules(self) -> list[Rule]:
         return [rule for rule in self.recipe.binarize.rules if self.rule_hits[id(rule)] == 0]
@@ -172,8 +184,12 @@ class _Seen:
     dtype: torch.dtype
 
 
-def _probe(model: nn.Module, walk: _Walk, example: torch.Tensor) -> tuple[dict[str, _Seen], dict[str, BinaryAttention]]:
-    """One full-precision forward pass: input shapes of planned modules and the geometry of each attention."""
+Probed = tuple[dict[str, _Seen], dict[str, BinaryAttention], dict[str, list[ProductEvent]]]
+
+
+def _probe(model: nn.Module, walk: _Walk, example: torch.Tensor) -> Probed:
+    """One full-precision forward pass: input shapes of planned modules, the geometry of each attention, and what
+    each found attention class computes (the products and softmaxes of its forward)."""
     seen: dict[str, _Seen] = {}
     hooks = []
     for name in [*walk.planned, *walk.attention]:
@@ -183,17 +199,69 @@ def _probe(model: nn.Module, walk: _Walk, example: torch.Tensor) -> tuple[dict[s
                 seen[name] = _Seen(tuple(tensor.shape), tensor.device, tensor.dtype)
         hooks.append(model.get_submodule(name).register_forward_pre_hook(record, with_kwargs=True))
     recorders: dict[str, BinaryAttention] = {}
+    events: dict[str, list[ProductEvent]] = {}
     for name, adapter in walk.attention.items():
         module = model.get_submodule(name)
         adapter.prepare(module)
         recorders[name] = BinaryAttention(ATTENTION_VARIANTS["softmax"], 1, 1, TokenLayout(), 1, 1)
-        route(module, recorders[name], adapter.forward)
+        events[name] = []
+        route(module, recorders[name], adapter.forward,
+              ProductLog(recorders[name], events[name]) if adapter.found else "sdpa")
     try:
         run_observed(model, example, hooks)
     finally:
         for name in walk.attention:
             unroute(model.get_submodule(name))
-    return seen, recorders
+    return seen, recorders, events
+
+
+def _settle_routes(model: nn.Module, walk: _Walk, recorders: dict[str, BinaryAttention],
+                   events: dict[str, list[ProductEvent]], conversion: Conversion) -> dict[str, str]:
+    """The route of every attention module. A found class takes the SDPA route if its forward called SDPA, the
+    explicit route if it computed softmax(q kᵀ) v by hand; one with no product of activations is a gate or an
+    elementwise mixer and a known other mixer stays full precision (both listed in the plan); anything else is an
+    unsupported class (an error in strict mode)."""
+    routes = {}
+    for name, adapter in list(walk.attention.items()):
+        if not adapter.found or recorders[name].last_call is not None:
+            routes[name] = adapter.route
+        elif explicit_attention(events[name]):
+            _record_geometry(recorders[name], events[name])
+            routes[name] = "explicit"
+        else:
+            module = model.get_submodule(name)
+            reason = _unrouted_reason(name, original_class(module), events[name], walk.strict)
+            conversion.kept.append(KeptModule(name, original_class(module).__name__, reason,
+                                              _own_parameter_count(module)))
+            del walk.attention[name]
+    return routes
+
+
+def _record_geometry(recorder: BinaryAttention, events: list[ProductEvent]) -> None:
+    """The call record of an explicit-route class, from its first q @ kᵀ and probs @ v as the probe saw them."""
+    q_shape, kt_shape, _ = events[0].shapes
+    left, right, _ = events[2].shapes
+    probs_first = left[-2:] == events[0].shapes[2][-2:]
+    value_dim = right[-1] if probs_first else left[-2]
+    q, k = (torch.empty(shape, device="meta") for shape in (q_shape, (*kt_shape[:-2], kt_shape[-1], kt_shape[-2])))
+    if q.dim() == 3:
+        q, k = q.unsqueeze(-3), k.unsqueeze(-3)
+    recorder.record_call(q, k, torch.empty(*k.shape[:-1], value_dim, device="meta"))
+
+
+def _unrouted_reason(name: str, cls: type, events: list[ProductEvent], strict: bool) -> str:
+    if not any(event.kind == "product" for event in events):
+        return "token mixer without products of activations (a gate or elementwise mixing): full precision"
+    key = class_key(cls)
+    if key in FULL_PRECISION_MIXERS:
+        return f"{FULL_PRECISION_MIXERS[key]}: full precision"
+    message = (f"{name}: attention class {key} is not supported: its forward neither calls "
+               f"F.scaled_dot_product_attention nor computes softmax(q kᵀ) v; pass strict=False (CLI: --no-strict) "
+               f"to binarize only its linear layers and keep its products in full precision")
+    if strict:
+        raise UnsupportedModelError(message)
+    warnings.warn(message, stacklevel=4)
+    return "unsupported attention class (--no-strict): products in full precision"
 
 
 def _build_core(model: nn.Module, name: str, adapter: AttentionAdapter, recorder: BinaryAttention,
@@ -238,9 +306,10 @@ def _swap_modules(model: nn.Module, walk: _Walk, seen: dict[str, _Seen], convers
 def _list_kept(model: nn.Module, walk: _Walk, conversion: Conversion) -> None:
     """Every module with its own parameters that stays full precision, and why."""
     converted = [s.name for s in conversion.swaps]
+    listed = {kept.name for kept in conversion.kept}
     for name, module in model.named_modules():
         count = _own_parameter_count(module)
-        if not count or isinstance(module, BinaryLinear) or any(
+        if not count or name in listed or isinstance(module, BinaryLinear) or any(
                 name == c or name.startswith(c + ".") for c in converted):
             continue
         if CORE_ATTRIBUTE in name.split("."):
@@ -291,7 +360,8 @@ def convert(model: nn.Module, recipe: Recipe | str, *, strict: bool = True, stri
         if strict_rules:
             raise RecipeError(message + " (--strict-rules)")
         conversion.warnings.append(message)
-    seen, recorders = _probe(model, walk, example)
+    seen, recorders, events = _probe(model, walk, example)
+    routes = _settle_routes(model, walk, recorders, events, conversion)
     cores = {name: _build_core(model, name, walk.attention[name], recorders[name], seen.get(name), recipe)
              for name in walk.attention}
     _swap_modules(model, walk, seen, conversion)
@@ -299,11 +369,11 @@ def convert(model: nn.Module, recipe: Recipe | str, *, strict: bool = True, stri
     for name, core in cores.items():
         module = model.get_submodule(name)
         adapter = walk.attention[name]
+        call = recorders[name].last_call
         conversion.attention.append(AttentionSwap(name, original_class(module).__name__, adapter.family,
-                                                  adapter.route, variant, core.heads, recorders[name].last_call[
-                                                      "queries"], recorders[name].last_call["keys"],
+                                                  routes[name], variant, core.heads, call["queries"], call["keys"],
                                                   core.disabled_parts))
-        route(module, core, adapter.forward)
+        route(module, core, adapter.forward, routes[name])
     _list_kept(model, walk, conversion)
     check_conversion(model, example)
     model.train(was_training)

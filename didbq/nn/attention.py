@@ -326,6 +326,10 @@ class BinaryAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                 enable_gqa: bool = False) -> torch.Tensor:
+        if q.dim() == 3:  # [batch * heads, N, D] (samvit): per-head parameters cannot follow the batch, so one head
+            mask = attn_mask.unsqueeze(-3) if attn_mask is not None and attn_mask.dim() == 3 else attn_mask
+            return self(q.unsqueeze(-3), k.unsqueeze(-3), v.unsqueeze(-3), mask, dropout_p, is_causal, scale,
+                        enable_gqa).squeeze(-3)
         if enable_gqa and k.shape[-3] != q.shape[-3]:
             repeat = q.shape[-3] // k.shape[-3]
             k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)

@@ -64,7 +64,9 @@ def test_plan_lists_every_decision_with_a_reason(deit_small_xnor) -> None:
     assert reasons["(model)"] == "tokens and position embeddings"
 
 
-class UnknownAttention(nn.Module):
+class HandWrittenAttention(nn.Module):
+    """Single-head softmax attention computed by hand on [B, N, C], in no timm family."""
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -72,29 +74,49 @@ class UnknownAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        return self.proj((q @ k.transpose(-2, -1)).softmax(-1) @ v)
+        return self.proj((q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1) @ v)
 
 
-def _with_unknown_attention() -> nn.Module:
+class UnknownAttention(HandWrittenAttention):
+    """Linear attention: (q kᵀ) v without a softmax, which neither route fits."""
+
+    def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.proj((q @ k.transpose(-2, -1)) @ v / x.shape[1])
+
+
+def _with(attention: type[nn.Module]) -> nn.Module:
     model = didbq.build_model("test_vit")
-    model.blocks[0].attn = UnknownAttention(model.embed_dim)
+    model.blocks[0].attn = attention(model.embed_dim)
     return model
 
 
-def test_strict_mode_names_an_unknown_attention_class_and_the_supported_families() -> None:
+def test_a_hand_written_softmax_attention_takes_the_explicit_route() -> None:
+    model = _with(HandWrittenAttention)
+    conversion = convert(model, "xnor")
+    routes = {a.name: (a.route, a.family, a.heads, a.queries) for a in conversion.attention}
+    assert routes["blocks.0.attn"] == ("explicit", "test_plan", 1, 101)  # test_vit: 160 px, patch 16, 1 prefix
+    assert routes["blocks.1.attn"][0] == "sdpa"
+    core = model.blocks[0].attn.binary_core
+    core.last_call = None
+    model(conversion.example_input)
+    assert core.last_call is not None  # the converted forward still goes through the core
+
+
+def test_strict_mode_names_an_attention_class_that_no_route_fits() -> None:
     with pytest.raises(UnsupportedModelError) as error:
-        convert(_with_unknown_attention(), "xnor")
+        convert(_with(UnknownAttention), "xnor")
     message = str(error.value)
-    assert "blocks.0.attn" in message and "UnknownAttention" in message
-    assert "swin" in message and "vision_transformer" in message
+    assert "blocks.0.attn" in message and "UnknownAttention" in message and "--no-strict" in message
 
 
 def test_non_strict_mode_binarizes_the_linears_of_an_unknown_attention() -> None:
     with pytest.warns(UserWarning, match="UnknownAttention"):
-        conversion = convert(_with_unknown_attention(), "xnor", strict=False)
+        conversion = convert(_with(UnknownAttention), "xnor", strict=False)
     swapped = {s.name for s in conversion.swaps}
     assert {"blocks.0.attn.qkv", "blocks.0.attn.proj"} <= swapped
     assert "blocks.0.attn" not in {a.name for a in conversion.attention}
+    assert "unsupported attention class" in {k.name: k.reason for k in conversion.kept}["blocks.0.attn"]
 
 
 UNMATCHED_RULE = parse_recipe("""

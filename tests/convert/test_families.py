@@ -38,6 +38,25 @@ MODELS = [
     ("pvt_v2_b0", {"depths": (1, 1, 1, 1)}),
     ("twins_svt_small", {"depths": (2, 1, 2, 1)}),
     ("crossvit_tiny_240", {}),
+    # found by what they do: the SDPA route (a fused branch) or the explicit route (softmax(q kᵀ) v by hand)
+    ("levit_128s", {}),
+    ("levit_conv_128s", {}),  # v @ probsᵀ: the transposed layout
+    ("mvitv2_tiny", {}),
+    ("efficientformer_l1", {"depths": (1, 1, 1, 2)}),
+    ("efficientformerv2_s0", {"depths": (1, 1, 2, 2)}),
+    ("tiny_vit_5m_224", {"depths": (1, 1, 1, 1)}),
+    ("hiera_tiny_224", {"stages": (1, 1, 1, 1)}),
+    ("gcvit_xxtiny", {}),
+    ("edgenext_xx_small", {"depths": (1, 1, 1, 1)}),
+    ("tnt_s_patch16_224", {"depth": 2}),
+    ("volo_d1_224", {}),
+    ("davit_tiny", {"depths": (1, 1, 1, 1)}),
+    ("samvit_base_patch16", {"img_size": 256, "depth": 2, "embed_dim": 192, "num_heads": 3,
+                             "global_attn_indexes": (1,)}),
+    ("efficientvit_m0", {"drop_path_rate": None}),  # it takes no drop_path_rate
+    ("nest_tiny", {"img_size": 112}),
+    ("visformer_tiny", {"depth": (1, 1, 1)}),
+    ("mobilevit_xxs", {}),
 ]
 
 DOCUMENTED_FP_REASONS = {"patch embedding", "patch merging between stages", "classifier head",
@@ -45,7 +64,8 @@ DOCUMENTED_FP_REASONS = {"patch embedding", "patch merging between stages", "cla
 
 
 def _build(name: str, kwargs: dict) -> nn.Module:
-    return didbq.build_model(name, pretrained=False, drop_path_rate=0.0, **kwargs)
+    kwargs = {key: value for key, value in {"drop_path_rate": 0.0, **kwargs}.items() if value is not None}
+    return didbq.build_model(name, pretrained=False, **kwargs)
 
 
 def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

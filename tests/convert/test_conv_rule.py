@@ -1,0 +1,65 @@
+"""The binary_conv2d replacement: its options, depthwise convolutions kept by default, and a hybrid timm model
+converted by a recipe with a binary_conv2d rule."""
+from __future__ import annotations
+
+import pytest
+import torch
+from convmodels import ARGS, MODEL, conv_recipe
+from torch import nn
+
+import didbq
+from didbq.convert import REPLACEMENTS
+from didbq.convert.walker import convert
+from didbq.errors import RecipeError
+from didbq.nn import BinaryConv2d, BinaryLinear, ChannelRPReLU, set_binarization
+
+REPLACEMENT = REPLACEMENTS["binary_conv2d"]
+
+
+def _build(conv: nn.Conv2d, **options: object) -> nn.Module:
+    return REPLACEMENT.build(conv, (1, conv.in_channels, 8, 8), REPLACEMENT.options.model_validate(options))
+
+
+def test_depthwise_convolutions_stay_full_precision_unless_asked() -> None:
+    depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    keep = REPLACEMENT.options.model_validate({})
+    assert REPLACEMENT.keeps(depthwise, keep) == "depthwise convolution (binary_conv2d depthwise: keep)"
+    assert _build(depthwise) is depthwise
+    binary = _build(depthwise, depthwise="binary")
+    assert isinstance(binary, BinaryConv2d) and binary.groups == 8 and binary.depthwise
+    grouped = nn.Conv2d(8, 8, 3, groups=2)  # grouped, not depthwise: replaced
+    assert REPLACEMENT.keeps(grouped, keep) is None and isinstance(_build(grouped), BinaryConv2d)
+
+
+def test_options_reach_the_layer() -> None:
+    layer = _build(nn.Conv2d(8, 8, 3, padding=1), input_binarizer="bit_signed", surrogate="ste", shortcut=True,
+                   norm="batchnorm", act="rprelu")
+    assert layer.shortcut and isinstance(layer.norm, nn.BatchNorm2d) and isinstance(layer.act, ChannelRPReLU)
+    assert layer.input_binarizer.scale.shape == (8,)
+    assert REPLACEMENT.accepts == (nn.Conv2d,)
+
+
+@pytest.mark.parametrize("options, problem", [
+    ({"act": "token_rprelu"}, "options.act"), ({"depthwise": "half"}, "options.depthwise"),
+    ({"input_binarizer": "tanh"}, "unknown activation binarizer"), ({"norm": "groupnorm"}, "options.norm")])
+def test_bad_options_are_recipe_errors(options: dict, problem: str) -> None:
+    with pytest.raises(RecipeError, match=problem):
+        conv_recipe(**options)
+
+
+def test_a_hybrid_model_converts_and_switches_with_the_stages() -> None:
+    model = didbq.build_model(MODEL, **ARGS)
+    originals = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    conversion = convert(model, conv_recipe(norm="batchnorm", act="rprelu"))
+    modules = dict(model.named_modules())
+    binary = {name for name, m in modules.items() if isinstance(m, BinaryConv2d)}
+    depthwise = {name for name, m in originals.items() if m.groups == m.in_channels > 1}
+    kept = {name for name in originals if name.startswith("stem.") or ".se." in name} | depthwise
+    assert binary and binary == set(originals) - kept
+    assert all(modules[name] is originals[name] for name in kept)  # the same modules, untouched
+    assert any(isinstance(m, BinaryLinear) for m in modules.values()) and conversion.attention
+    set_binarization(model, weights=False, activations=False)
+    assert not any(modules[name].binarize_weights or modules[name].inputs_binary for name in binary)
+    set_binarization(model)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(2, 3, 64, 64))).all()
