@@ -188,6 +188,7 @@ _register("timm.models.crossvit.CrossAttention",
 FULL_PRECISION_MIXERS: dict[str, str] = {
     "timm.models.volo.OutlookAttention": "outlook attention (weights from a linear of x, not q·kᵀ)",
     "timm.models.coat.FactorAttnConvRelPosEnc": "factorized attention (softmax(k)ᵀ v first, then q times it)",
+    "timm.models.efficientvit_mit.LiteMLA": "ReLU linear attention (q (kᵀ v) without a softmax)",
 }
 
 
@@ -200,4 +201,4 @@ def looks_like_attention(cls: type) -> bool:
     name = cls.__name__.lower()
     if any(word in name for word in ("block", "pool", "layer", "stage", "stack")):
         return False
-    return "attn" in name or "attention" in name or name == "xca"
+    return any(word in name for word in ("attn", "attention", "mhsa", "gpsa")) or name in ("xca", "litemla")

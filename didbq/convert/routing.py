@@ -123,21 +123,24 @@ class ProductLog(SDPARoute):
 
 def explicit_attention(events: list[ProductEvent]) -> bool:
     """Whether the logged events are softmax attention done by hand: (q @ kᵀ, softmax over keys, probs @ v) once
-    or more, the softmax over the scores' shape and the second product taking the probabilities (or their
-    transpose) as one operand."""
-    if not events or len(events) % 3:
-        return False
-    for index in range(0, len(events), 3):
-        scores, softmax, aggregate = events[index:index + 3]
-        if (scores.kind, softmax.kind, aggregate.kind) != ("product", "softmax", "product") or not softmax.last_dim:
+    or more, the softmax over the scores' shape (more softmaxes may follow it: convit's gated position scores) and
+    the second product taking the probabilities (or their transpose) as one operand."""
+    index, groups = 0, 0
+    while index < len(events):
+        scores = events[index]
+        softmaxes = 0
+        while index + 1 + softmaxes < len(events) and events[index + 1 + softmaxes].kind == "softmax":
+            softmaxes += 1
+        end = index + 1 + softmaxes
+        if scores.kind != "product" or not softmaxes or end >= len(events) or events[end].kind != "product":
             return False
-        shape = scores.shapes[2]
-        if softmax.shapes[0][-2:] != shape[-2:]:
+        shape, softmax, (left, right, _) = scores.shapes[2], events[index + 1], events[end].shapes
+        if not softmax.last_dim or softmax.shapes[0][-2:] != shape[-2:]:
             return False
-        left, right = aggregate.shapes[0], aggregate.shapes[1]
         if left[-2:] != shape[-2:] and right[-2:] != shape[-2:][::-1]:
             return False
-    return True
+        index, groups = end + 1, groups + 1
+    return groups > 0
 
 
 def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:

@@ -240,7 +240,7 @@ def _settle_routes(model: nn.Module, walk: _Walk, recorders: dict[str, BinaryAtt
 def _record_geometry(recorder: BinaryAttention, events: list[ProductEvent]) -> None:
     """The call record of an explicit-route class, from its first q @ kᵀ and probs @ v as the probe saw them."""
     q_shape, kt_shape, _ = events[0].shapes
-    left, right, _ = events[2].shapes
+    left, right, _ = next(event for event in events[1:] if event.kind == "product").shapes
     probs_first = left[-2:] == events[0].shapes[2][-2:]
     value_dim = right[-1] if probs_first else left[-2]
     q, k = (torch.empty(shape, device="meta") for shape in (q_shape, (*kt_shape[:-2], kt_shape[-1], kt_shape[-2])))

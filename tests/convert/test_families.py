@@ -57,6 +57,7 @@ MODELS = [
     ("nest_tiny", {"img_size": 112}),
     ("visformer_tiny", {"depth": (1, 1, 1)}),
     ("mobilevit_xxs", {}),
+    ("convit_tiny", {"depth": 4, "local_up_to_layer": 2}),  # gated positional softmax beside the scores
 ]
 
 DOCUMENTED_FP_REASONS = {"patch embedding", "patch merging between stages", "classifier head",

@@ -85,6 +85,17 @@ class UnknownAttention(HandWrittenAttention):
         return self.proj((q @ k.transpose(-2, -1)) @ v / x.shape[1])
 
 
+class GateAttention(nn.Module):
+    """Squeeze-and-excitation named attention: a gate, no product of activations."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
+        return x * self.fc(x.mean(1, keepdim=True)).sigmoid()
+
+
 def _with(attention: type[nn.Module]) -> nn.Module:
     model = didbq.build_model("test_vit")
     model.blocks[0].attn = attention(model.embed_dim)
@@ -108,6 +119,13 @@ def test_strict_mode_names_an_attention_class_that_no_route_fits() -> None:
         convert(_with(UnknownAttention), "xnor")
     message = str(error.value)
     assert "blocks.0.attn" in message and "UnknownAttention" in message and "--no-strict" in message
+
+
+def test_a_gate_named_attention_stays_full_precision_with_its_linears_binary() -> None:
+    conversion = convert(_with(GateAttention), "xnor")
+    assert "blocks.0.attn" not in {a.name for a in conversion.attention}
+    assert "without products of activations" in {k.name: k.reason for k in conversion.kept}["blocks.0.attn"]
+    assert "blocks.0.attn.fc" in {s.name for s in conversion.swaps}
 
 
 def test_non_strict_mode_binarizes_the_linears_of_an_unknown_attention() -> None:

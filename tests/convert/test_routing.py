@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import didbq
-from didbq.convert.routing import SDPARoute, original_class, route, unroute
+from didbq.convert.routing import ProductEvent, SDPARoute, explicit_attention, original_class, route, unroute
 from didbq.nn import ATTENTION_VARIANTS, BinaryAttention, TokenLayout
 
 
@@ -59,3 +59,32 @@ def test_unroute_restores_the_timm_class() -> None:
     assert type(attention) is not timm_class and original_class(attention) is timm_class
     unroute(attention)
     assert type(attention) is timm_class and not hasattr(attention, "binary_core")
+
+
+SCORES = ProductEvent("product", ((1, 2, 5, 4), (1, 2, 4, 5), (1, 2, 5, 5)))
+SOFTMAX = ProductEvent("softmax", ((1, 2, 5, 5),))
+PROBS_V = ProductEvent("product", ((1, 2, 5, 5), (1, 2, 5, 4), (1, 2, 5, 4)))
+V_PROBS_T = ProductEvent("product", ((1, 2, 4, 5), (1, 2, 5, 5), (1, 2, 4, 5)))
+
+
+def test_the_explicit_route_recognises_softmax_attention_by_hand_only() -> None:
+    assert explicit_attention([SCORES, SOFTMAX, PROBS_V])
+    assert explicit_attention([SCORES, SOFTMAX, V_PROBS_T] * 2)  # levit_conv's layout, twice
+    assert explicit_attention([SCORES, SOFTMAX, SOFTMAX, PROBS_V])  # convit: a gated position softmax as well
+    assert not explicit_attention([])
+    assert not explicit_attention([SOFTMAX, SCORES, PROBS_V])  # coat: softmax(k) first
+    assert not explicit_attention([SCORES, PROBS_V])  # linear attention: no softmax
+    assert not explicit_attention([SCORES, ProductEvent("softmax", ((1, 2, 5, 5),), last_dim=False), PROBS_V])
+    assert not explicit_attention([SCORES, SOFTMAX, ProductEvent("product", ((1, 2, 4, 4), (1, 2, 4, 4),
+                                                                            (1, 2, 4, 4)))])
+
+
+def test_the_explicit_route_sends_both_products_through_the_core() -> None:
+    q, k, v = torch.randn(3, 1, 2, 5, 4).unbind(0)
+    core = BinaryAttention(ATTENTION_VARIANTS["plain"], 2, 4, TokenLayout(), 5, 5)
+    with SDPARoute(core, explicit=True):
+        routed = (q @ k.transpose(-2, -1) * 0.5).softmax(-1) @ v
+        transposed = v.transpose(-2, -1) @ (q @ k.transpose(-2, -1) * 0.5).softmax(-1).transpose(-2, -1)
+    expected = core(q, k, v, scale=0.5)
+    torch.testing.assert_close(routed, expected, rtol=0, atol=0)
+    torch.testing.assert_close(transposed, expected.transpose(-2, -1), rtol=0, atol=0)
