@@ -436,8 +436,108 @@ def _print_study(table: dict[str, Any]) -> None:
 
 
 @cli.command()
+@click.argument("patterns", metavar="[PATTERN]...", nargs=-1)
+@click.option("--all", "all_architectures", is_flag=True,
+              help="Every timm architecture with attention (decided on the meta device), or those among PATTERNs.")
+@click.option("--recipe", "-r", default="didb", show_default=True, help="Recipe file or built-in name." + RECIPE_VARIANTS)
+@click.option("--max-params", type=float, default=None, metavar="N",
+              help="Skip models with more than N parameters (120e6), counted on the meta device; listed as skipped.")
+@click.option("--timeout", type=float, default=300, show_default=True, help="Seconds per model (child process).")
+@click.option("--threads", "-t", type=int, default=None, help="torch threads per child (default 1).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:1.")
+@click.option("--per-process", type=int, default=1, show_default=True,
+              help="Models a child process checks before a fresh one starts (more saves the ~3-5 s timm import "
+                   "per model; 1 isolates every model).")
+@click.option("--in-process", is_flag=True, help="Check the models in this process (no timeout; a crash ends it).")
+@click.option("--json", "as_json", is_flag=True, help="Print the matrix as one JSON document.")
+@click.option("--markdown", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="Also write the matrix as markdown (versions, recipe, date, totals per family, per model).")
+def compat(patterns: tuple[str, ...], all_architectures: bool, recipe: str, max_params: float | None,
+           timeout: float, threads: int | None, device: str, per_process: int, in_process: bool, as_json: bool,
+           markdown: Path | None) -> None:
+    """Which timm models convert, train and stay binary under --recipe. PATTERNs are timm names or fnmatch
+    patterns as in timm.list_models ('levit_*'). Each model is built with pretrained=False at its default input
+    size, converted (strict), trained one step on a random batch of 2 (finite gradients on every binary layer's
+    latent weight), and checked: every layer the recipe made binary still has 1-bit weights and inputs, and every
+    binary layer and attention core runs. Each model runs in a child process with --timeout.
+
+    Exit code: 0 when every checked model converts, trains and stays binary (models skipped by --max-params do
+    not count), 1 otherwise, 2 on a usage error (a pattern matching no model, an unknown recipe).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    import didbq  # noqa: F401  (torchvision guard before timm)
+    from didbq.compat import run_compat, select_models, write_markdown
+    from didbq.convert import load_recipe
+
+    load_recipe(recipe)  # a bad recipe is a usage error before anything runs
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=errors, transient=True,
+                  disable=as_json or not errors.is_terminal) as progress:
+        scan = progress.add_task("finding architectures with attention", total=None, visible=all_architectures)
+        names = select_models(patterns, all_architectures,
+                              lambda done, total: progress.update(scan, completed=done, total=total))
+        progress.update(scan, visible=False)
+        task = progress.add_task("checking", total=len(names))
+
+        def advance(name: str, result: Any) -> None:
+            progress.update(task, description=name, advance=0 if result is None else 1)
+
+        report = run_compat(names, recipe, max_params=max_params, timeout=timeout, threads=threads, device=device,
+                            isolate=not in_process, per_process=per_process, progress=advance)
+    if markdown is not None:
+        write_markdown(report, markdown)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        _print_compat(report)
+        if markdown is not None:
+            console.print(f"markdown: {markdown}")
+    if not report.ok:
+        sys.exit(1)
+
+
+def _print_compat(report) -> None:  # noqa: ANN001 (didbq.compat.CompatReport, imported lazily)
+    from didbq.compat import VIT_FAMILIES
+
+    def mark(value: bool, skipped: bool) -> str:
+        return "-" if skipped else "[green]yes[/]" if value else "[red]no[/]"
+
+    models = Table(title=f"timm {report.timm_version}, torch {report.torch_version}, recipe {report.recipe}, "
+                         f"{report.device}: {report.seconds:.0f} s", title_justify="left")
+    for column in ("model", "family", "params (M)", "converts", "trains", "binary", "s", "convert s",
+                   "attention (modules, route)", "reason"):
+        models.add_column(column, justify="right" if column in ("params (M)", "s", "convert s") else "left",
+                          no_wrap=column == "model", overflow="fold")
+    for r in report.results:
+        kept = Counter(k["type"] for k in r.kept_attention)
+        attention = [f"{a['modules']} {a['route']} ({a['family']})" for a in r.attention]
+        attention += [f"{n} {kind} kept full precision" for kind, n in kept.items()]
+        models.add_row(r.model, r.family, "?" if r.parameters is None else f"{r.parameters / 1e6:.1f}",
+                       mark(r.converts, r.skipped), mark(r.trains, r.skipped), mark(r.binary, r.skipped),
+                       f"{r.seconds:.1f}", "-" if r.convert_seconds is None else f"{r.convert_seconds:.2f}",
+                       ", ".join(attention), r.reason or "")
+    console.print(models, markup=True, highlight=False)
+    families = Table(title="Per family", title_justify="left")
+    for column in ("family", "models", "checked", "converts", "trains", "binary", "pass", "skipped"):
+        families.add_column(column, justify="left" if column == "family" else "right")
+
+    def add(label: str, t: dict[str, Any]) -> None:
+        share = "-" if t["fraction"] is None else f"{t['fraction']:.0%}"
+        families.add_row(label, *(str(t[k]) for k in ("models", "checked", "converts", "trains", "binary")),
+                         f"{t['ok']} ({share})", str(t["skipped"]))
+
+    for family, totals in report.families().items():
+        add(f"[bold]{family}[/]" if family in VIT_FAMILIES else family, totals)
+    families.add_section()
+    add("ViT families", report.vit_total())
+    add("total", report.total())
+    console.print(families)
+
+
+@cli.command()
 def recipes() -> None:
-    """List the built-in recipes, attention variants and supported model families."""
+    """List the built-in recipes, attention variants and the attention classes with their own adapter."""
     from didbq.convert.adapters import supported_families
     from didbq.convert.recipe import BUILTIN_RECIPES, load_recipe
     from didbq.nn.attention import ATTENTION_VARIANTS
@@ -450,7 +550,8 @@ def recipes() -> None:
         table.add_row(recipe.name, str(path), recipe.attention.variant, recipe.description.strip())
     console.print(table)
     console.print(f"attention variants: {', '.join(ATTENTION_VARIANTS.names())}")
-    console.print(f"model families: {', '.join(supported_families())}")
+    console.print("attention: any timm class whose forward calls F.scaled_dot_product_attention or computes "
+                  f"softmax(q kᵀ) v (see `didbq compat`); per-class adapters: {', '.join(supported_families())}")
 
 
 def _pattern(name: str) -> str:

@@ -21,12 +21,14 @@ import torch
 from torch import nn
 
 from didbq.errors import DidbqError
+from didbq.nn.binary import BinaryLayer
+from didbq.nn.conv import BinaryConv2d
 from didbq.nn.linear import BinaryLinear
 from didbq.observe import fresh_cores, run_observed
 
 BOPS_PER_OP = 64
 SCALE_BYTES = 4  # per output row, fp32
-SHAPE_BYTES = 16  # weight_shape: two int64
+SHAPE_BYTES = 8  # weight_shape: one int64 per dimension (two for a linear, four for a convolution)
 
 
 @dataclass
@@ -98,19 +100,28 @@ class Totals:
                 "ops_reduction": self.ops_reduction}
 
 
+def _layer_cost(name: str, kind: str, module: nn.Module, macs: int) -> LayerCost:
+    """A MAC is a BOP only where the layer's weights and inputs are both binary now."""
+    if isinstance(module, BinaryLayer):
+        binary_weights, binary_inputs = module.binarize_weights, module.inputs_binary
+        return LayerCost(name, kind, "1-bit" if binary_weights else "fp", "1-bit" if binary_inputs else "fp",
+                         macs, binary_weights and binary_inputs, added_by_method=".binary_core." in f".{name}.")
+    return LayerCost(name, kind, "fp", "fp", macs, False)
+
+
 def _linear_cost(name: str, module: nn.Module, inputs: torch.Tensor, images: int) -> LayerCost:
     in_features, out_features = module.in_features, module.out_features
-    macs = inputs.numel() // in_features * in_features * out_features // images
-    if isinstance(module, BinaryLinear):
-        binary_weights, binary_inputs = module.binarize_weights, module.inputs_binary
-        return LayerCost(name, "linear", "1-bit" if binary_weights else "fp", "1-bit" if binary_inputs else "fp",
-                         macs, binary_weights and binary_inputs, added_by_method=".binary_core." in f".{name}.")
-    return LayerCost(name, "linear", "fp", "fp", macs, False)
+    return _layer_cost(name, "linear", module, inputs.numel() // in_features * in_features * out_features // images)
 
 
-def _conv_cost(name: str, module: nn.Conv2d | nn.Conv1d, output: torch.Tensor, images: int) -> LayerCost:
+def _conv_cost(name: str, module: nn.Module, output: torch.Tensor, images: int) -> LayerCost:
+    """out_h * out_w * out_channels * (in_channels / groups) * kh * kw MACs per image (BinaryConv2d's output
+    after its norm, shortcut and activation has the convolution's shape)."""
     per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
-    return LayerCost(name, "conv", "fp", "fp", output.numel() * per_output // images, False)
+    return _layer_cost(name, "conv", module, output.numel() * per_output // images)
+
+
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, BinaryConv2d)
 
 
 def measure_costs(model: nn.Module, example: torch.Tensor) -> list[LayerCost]:
@@ -120,7 +131,7 @@ def measure_costs(model: nn.Module, example: torch.Tensor) -> list[LayerCost]:
     costs: dict[str, LayerCost] = {}
 
     def record(name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        cost = (_conv_cost(name, module, output, images) if isinstance(module, (nn.Conv1d, nn.Conv2d))
+        cost = (_conv_cost(name, module, output, images) if isinstance(module, _CONVOLUTIONS)
                 else _linear_cost(name, module, args[0], images))
         if name in costs:  # a module that runs several times per forward (shared) costs each time
             costs[name].macs += cost.macs
@@ -129,7 +140,7 @@ def measure_costs(model: nn.Module, example: torch.Tensor) -> list[LayerCost]:
 
     hooks = [module.register_forward_hook(lambda m, a, o, name=name: record(name, m, a, o))
              for name, module in model.named_modules()
-             if isinstance(module, (nn.Linear, BinaryLinear, nn.Conv1d, nn.Conv2d))]
+             if isinstance(module, (nn.Linear, BinaryLinear, *_CONVOLUTIONS))]
     cores = fresh_cores(model)
     run_observed(model, example, hooks)
     sizes = state_sizes(model)
@@ -152,9 +163,9 @@ def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _binary_weight_names(model: nn.Module) -> dict[str, BinaryLinear]:
+def _binary_weight_names(model: nn.Module) -> dict[str, BinaryLayer]:
     return {f"{name}.weight": m for name, m in model.named_modules()
-            if isinstance(m, BinaryLinear) and m.binarize_weights}
+            if isinstance(m, BinaryLayer) and m.binarize_weights}
 
 
 @dataclass
@@ -170,7 +181,7 @@ class StateSize:
 def state_sizes(model: nn.Module, fp_bytes_per_element: int | None = None, word_bits: int = 8
                 ) -> dict[str, StateSize]:
     """Every state tensor's analytic size in the packed file: a binary weight as sign bits `word_bits` per word
-    along the input dimension (rows padded to whole words), a scale per row and the weight shape; every other
+    along each output channel's row (rows padded to whole words), a scale per row and the weight shape; every other
     tensor at its own width (or `fp_bytes_per_element`, e.g. 2 for fp16, for floating-point tensors, scales
     included)."""
     binary = _binary_weight_names(model)
@@ -178,10 +189,10 @@ def state_sizes(model: nn.Module, fp_bytes_per_element: int | None = None, word_
     sizes = {}
     for key, tensor in model.state_dict().items():
         if key in binary:
-            rows, columns = tensor.shape
+            rows, columns = tensor.shape[0], math.prod(tensor.shape[1:])
             scale = fp_bytes_per_element or SCALE_BYTES
             packed = rows * math.ceil(columns / word_bits) * word_bits // 8
-            sizes[key] = StateSize(rows * columns, 0, packed + rows * scale + SHAPE_BYTES, True)
+            sizes[key] = StateSize(rows * columns, 0, packed + rows * scale + SHAPE_BYTES * tensor.dim(), True)
             continue
         width = (fp_bytes_per_element if tensor.is_floating_point() and fp_bytes_per_element is not None
                  else tensor.element_size())

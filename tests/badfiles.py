@@ -11,7 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from didbq.export.format import FORMAT_VERSION
+from didbq.export.format import FORMAT_VERSION, READABLE_VERSIONS
+
+UNREAD_OLDER = str(int(READABLE_VERSIONS[0]) - 1)  # a version before the oldest this didbq reads
 
 # case -> what the one-line error must say
 BAD_FILES = {
@@ -22,7 +24,8 @@ BAD_FILES = {
     "not safetensors": "is not a safetensors file",
     "pickle": "never unpickles",
     "raw pickle": "never unpickles",
-    "older version": f"format version {FORMAT_VERSION - 1}",
+    "older version": f"format version {UNREAD_OLDER}",
+    "newer version": f"format version {FORMAT_VERSION + 1}",
     "another model": "(blocks.2.",
     "changed tensors": "do not match the hash",
     "plain safetensors": "not a didbq packed file",
@@ -76,7 +79,9 @@ def bad_file(case: str, good: Path, folder: Path) -> Path:
     elif case == "raw pickle":
         path.write_bytes(pickle.dumps(_Trap(folder), protocol=2))
     elif case == "older version":
-        rewrite(good, path, {"format_version": str(FORMAT_VERSION - 1)})
+        rewrite(good, path, {"format_version": UNREAD_OLDER})
+    elif case == "newer version":
+        rewrite(good, path, {"format_version": str(FORMAT_VERSION + 1)})
     elif case == "another model":  # the same architecture one block deeper
         arguments = json.loads(_metadata(good)["model_args"])
         rewrite(good, path, {"model_args": json.dumps({**arguments, "depth": arguments.get("depth", 2) + 1})})

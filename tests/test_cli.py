@@ -71,7 +71,6 @@ BAD_INPUT = [
      "name: x\nbinarize:\n  rules: [{targets: [Conv3d], into: identity}]\n", "matches no module"),
     (["plan", "test_vit", "--recipe", "no-such-recipe"], None, "no such recipe file"),
     (["plan", "deit_smal_patch16_224"], None, "did you mean"),
-    (["plan", "levit_128s"], None, "attention class timm.models.levit.Attention is not supported"),
 ]
 
 
@@ -195,3 +194,10 @@ def test_report_and_export_refuse_bad_files_with_one_line_and_exit_code_2(
 def test_report_of_a_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(["report", "runs/no-such-run"], capsys)
     assert code == 2 and "no such file or run folder" in err
+
+
+def test_plan_of_a_model_with_batch_norms_and_the_explicit_route(capsys: pytest.CaptureFixture[str]) -> None:
+    """levit: BatchNorm1d in its head (one image in the measuring pass) and attention computed by hand."""
+    code, out, err = run(["plan", "levit_128s", "--json"], capsys)
+    assert code == 0, err
+    assert {a["route"] for a in json.loads(out)["attention"]} == {"explicit"}

@@ -2,7 +2,8 @@
 files, benchmarks): one switch without copying a recipe file.
 
 `didb[hfsc=off,local=off]` sets fields of the recipe's `attention:` section; `variant=<preset>` replaces that
-whole section by a preset; `linear.<option>=<value>` sets an option of every binary_linear rule;
+whole section by a preset; `linear.<option>=<value>` sets an option of every binary_linear rule and
+`conv.<option>=<value>` of every binary_conv2d rule (`conv.depthwise=binary`);
 `into.<rule name>=<replacement>` changes what a named rule turns its modules into (`into.MLP activation=rprelu`:
 plain instead of token-wise RPReLU); `drop_rule=<rule name>` removes a rule (its modules stay as they are);
 `stages=one` trains fully binary only, `stages=two` binary weights first (built from the recipe's last stage,
@@ -21,6 +22,9 @@ import yaml
 
 from didbq.convert.recipe import read_recipe_text, recipe_mapping
 from didbq.errors import RecipeError
+
+# `<prefix>.<option>=<value>` sets an option of every rule into this replacement
+LAYER_PREFIXES = {"linear": "binary_linear", "conv": "binary_conv2d"}
 
 
 def split_spec(spec: str) -> tuple[str, list[tuple[str, str]]]:
@@ -86,12 +90,13 @@ def apply_override(data: dict[str, Any], key: str, raw: str, spec: str) -> None:
     elif key.startswith("into."):
         for rule in _rules_named(rules, key.removeprefix("into."), spec):
             rule["into"] = value
-    elif key.startswith("linear."):
-        targets = [rule for rule in rules if rule.get("into") == "binary_linear"]
+    elif key.partition(".")[0] in LAYER_PREFIXES:
+        prefix, _, option = key.partition(".")
+        targets = [rule for rule in rules if rule.get("into") == LAYER_PREFIXES[prefix]]
         if not targets:
-            raise RecipeError(f"{spec}: the recipe has no binary_linear rule")
+            raise RecipeError(f"{spec}: the recipe has no {LAYER_PREFIXES[prefix]} rule")
         for rule in targets:
-            rule.setdefault("options", {})[key.removeprefix("linear.")] = value
+            rule.setdefault("options", {})[option] = value
     elif key == "stages":
         data["stages"] = reshaped_stages(data.get("stages") or [], str(value), spec)
     elif key in ("steps", "epochs"):

@@ -42,10 +42,16 @@ class Plan:
 
 def plan(model: nn.Module, recipe: Recipe | str, *, strict: bool = True, strict_rules: bool = False,
          model_name: str | None = None) -> Plan:
-    """Binarize `model` in place (as binarize_model does) and account for every decision and its cost."""
+    """Binarize `model` in place (as binarize_model does) and account for every decision and its cost. The
+    measuring pass runs in eval mode (a dry run: no running statistics move, batch norms accept one image)."""
     fp32_bytes = state_bytes(model)
-    conversion = convert(model, recipe, strict=strict, strict_rules=strict_rules)
-    return account(model, conversion, fp32_bytes, model_name)
+    was_training = model.training
+    model.eval()
+    try:
+        conversion = convert(model, recipe, strict=strict, strict_rules=strict_rules)
+        return account(model, conversion, fp32_bytes, model_name)
+    finally:
+        model.train(was_training)
 
 
 def account(model: nn.Module, conversion: Conversion, fp32_bytes: int, model_name: str | None = None) -> Plan:

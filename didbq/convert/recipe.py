@@ -49,8 +49,8 @@ class Rule(Strict):
 
     name: str | None = Field(None, description="label shown in the plan; defaults to the targets")
     targets: list[str] = Field(min_length=1)
-    into: str = Field(description="a registered replacement: binary_linear, rprelu, token_rprelu, identity, "
-                                  "layer_scale, batchnorm")
+    into: str = Field(description="a registered replacement: binary_linear, binary_conv2d, rprelu, token_rprelu, "
+                                  "identity, layer_scale, batchnorm")
     options: dict[str, Any] = Field(default_factory=dict, description="options of the replacement")
 
     @field_validator("targets")

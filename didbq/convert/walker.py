@@ -36,8 +36,8 @@ from didbq.convert.routing import (
 )
 from didbq.errors import ConversionCheckError, RecipeError, UnsupportedModelError
 from didbq.nn.attention import ATTENTION_VARIANTS, BinaryAttention
+from didbq.nn.binary import BinaryLayer
 from didbq.nn.haar import TokenLayout
-from didbq.nn.linear import BinaryLinear
 from didbq.observe import fresh_cores, run_observed
 
 
@@ -294,13 +294,17 @@ def _swap_modules(model: nn.Module, walk: _Walk, seen: dict[str, _Seen], convers
             raise RecipeError(f"rule {rule.label!r}: {name} is a {type(module).__name__}, but {rule.into} replaces "
                               f"only {', '.join(c.__name__ for c in replacement.accepts)}")
         options = replacement.options.model_validate(rule.options)  # validated with the recipe already
+        reason = replacement.keeps(module, options)
+        if reason is not None:
+            conversion.kept.append(KeptModule(name, original_class(module).__name__, reason,
+                                              sum(p.numel() for p in module.parameters())))
+            continue
         new = replacement.build(module, seen[name].shape, options).to(seen[name].device, seen[name].dtype)
+        new.train(module.training)  # the model is in eval mode here: no running statistics from the check's input
         parent, leaf = _parent(model, name)
         setattr(parent, leaf, new)
-        note = ""
-        if getattr(options, "shortcut", False) and not new.shortcut:
-            note = f"no shortcut: widths {new.in_features} -> {new.out_features} do not divide"
-        conversion.swaps.append(Swap(name, original_class(module).__name__, rule.into, rule.label, note))
+        conversion.swaps.append(Swap(name, original_class(module).__name__, rule.into, rule.label,
+                                     getattr(new, "shortcut_note", "")))
 
 
 def _list_kept(model: nn.Module, walk: _Walk, conversion: Conversion) -> None:
@@ -309,7 +313,7 @@ def _list_kept(model: nn.Module, walk: _Walk, conversion: Conversion) -> None:
     listed = {kept.name for kept in conversion.kept}
     for name, module in model.named_modules():
         count = _own_parameter_count(module)
-        if not count or name in listed or isinstance(module, BinaryLinear) or any(
+        if not count or name in listed or isinstance(module, BinaryLayer) or any(
                 name == c or name.startswith(c + ".") for c in converted):
             continue
         if CORE_ATTRIBUTE in name.split("."):
@@ -329,9 +333,9 @@ def _list_kept(model: nn.Module, walk: _Walk, conversion: Conversion) -> None:
 
 
 def check_conversion(model: nn.Module, example: torch.Tensor) -> None:
-    """Run `model` once; every BinaryLinear and core must run and the output must be finite."""
+    """Run `model` once; every binary layer and core must run and the output must be finite."""
     called: set[str] = set()
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, BinaryLinear)}
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, BinaryLayer)}
     hooks = [module.register_forward_pre_hook(lambda m, a, name=name: called.add(name))
              for name, module in linears.items()]
     cores = fresh_cores(model)  # adapters may call the core's steps rather than the core itself

@@ -1,9 +1,11 @@
 """The packed file (docs/format.md): safetensors with sign bits for every binary weight and metadata to rebuild.
 
-A binary layer `L` (a BinaryLinear whose weights are binary) is stored as three tensors, in the style of
-compressed-tensors' pack-quantized layout:
-- `L.weight_packed`: the signs of the row-centred latent weight, packed along the input dimension (packing.py);
-- `L.weight_shape`: int64 [rows, columns] of the unpacked weight;
+A binary layer `L` (a BinaryLinear or BinaryConv2d whose weights are binary) is stored as three tensors, in the
+style of compressed-tensors' pack-quantized layout:
+- `L.weight_packed`: the signs of the centred latent weight, one row per output channel (a convolution's
+  [in / groups, kh, kw] weights flattened in that order), packed along the row (packing.py);
+- `L.weight_shape`: int64, the shape of the unpacked weight: [rows, columns] for a linear, [out, in / groups,
+  kh, kw] for a convolution (format version 2; version 1 files hold linears only);
 - `L.weight_scale`: the per-row scale mean|W|, [rows, 1], at the file's floating-point width;
 so that signs * scale is exactly the binary weight the layer used in forward. Every other tensor of the model's
 state (latent-free) is stored under its own name at its own dtype, floating-point ones at the file's width
@@ -29,12 +31,13 @@ from torch import nn
 from didbq.errors import DidbqError
 from didbq.export.packing import pack_signs, signs_as_values
 from didbq.nn.binarizers import ActivationBinarizer
-from didbq.nn.linear import BinaryLinear
+from didbq.nn.binary import BinaryLayer
 from didbq.train.checkpoint import atomic_path
 
 FORMAT = "didbq.packed"
 FLOAT_FORMAT = "didbq.float"  # `didbq export --format float`: binary weights expanded, for inspection only
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: binary convolutions (4-D weight_shape); a version 1 file is a version 2 file without them
+READABLE_VERSIONS = ("1", "2")
 PACKED, SHAPE, SCALE = "weight_packed", "weight_shape", "weight_scale"
 SIGN_CONVENTION = "bit 1 = +1 (row-centred weight >= 0), bit 0 = -1; padding bits 0"
 BIT_ORDER = "little"
@@ -75,22 +78,24 @@ class PackedFile:
         return FP_DTYPES[self.metadata["fp_dtype"]]
 
 
-def binary_parts(layer: BinaryLinear) -> tuple[torch.Tensor, torch.Tensor]:
-    """(signs as booleans, True = +1; per-row scale [rows, 1]) of the binary weight `layer` uses in forward."""
+def binary_parts(layer: BinaryLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(signs as booleans, True = +1, one row per output channel; per-row scale [rows, 1]) of the binary weight
+    `layer` uses in forward."""
     signs, scale = layer.binary_weight()
-    return signs.detach() > 0, scale.detach()
+    return signs.detach().flatten(1) > 0, scale.detach()
 
 
 def refuse_inference_only(model: nn.Module) -> None:
-    """A model on the packed runtime (didbq.runtime) has no BinaryLinear left to pack: say what to do instead."""
+    """A model on the packed runtime (didbq.runtime) has no latent binary layers left to pack: say what to do
+    instead."""
     if any(getattr(module, "inference_only", False) for module in model.modules()):
         raise DidbqError("this model runs on the packed runtime and cannot be written again; load it with "
                          "didbq.load(path, runtime='reference'), or use `didbq export`")
 
 
-def binary_layers(model: nn.Module) -> dict[str, BinaryLinear]:
-    """The BinaryLinear modules whose weights are binary now (the ones the file packs)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, BinaryLinear) and m.binarize_weights}
+def binary_layers(model: nn.Module) -> dict[str, BinaryLayer]:
+    """The BinaryLinear and BinaryConv2d modules whose weights are binary now (the ones the file packs)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, BinaryLayer) and m.binarize_weights}
 
 
 def binarization_state(model: nn.Module) -> dict[str, Any]:
@@ -189,7 +194,7 @@ def write_float(model: nn.Module, path: Path, *, model_name: str, model_args: di
         prefix = key[: -len(".weight")]
         if key.endswith(".weight") and prefix in layers:
             positive, scale = binary_parts(layers[prefix])
-            tensor = signs_as_values(positive, scale.dtype) * scale
+            tensor = (signs_as_values(positive, scale.dtype) * scale).reshape(tensor.shape)
         tensor = tensor.detach().to("cpu")
         tensors[key] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous().clone()
     metadata = _metadata_for(model, tensors, FLOAT_FORMAT, model_name, model_args, recipe, fp_name, extra)
@@ -266,10 +271,11 @@ def _metadata(path: Path, header: dict[str, Any]) -> dict[str, Any]:
         raise _refuse(path, "is a safetensors file but not a didbq packed file (no didbq format metadata); "
                             "write one with `didbq export` or `didbq binarize`")
     version = raw.get("format_version")
-    if version != str(FORMAT_VERSION):
+    if version not in READABLE_VERSIONS:
         raise _refuse(path, f"was written in packed format version {version} (by didbq "
-                            f"{raw.get('didbq_version', '?')}); this didbq reads version {FORMAT_VERSION}: "
-                            f"export it again with the didbq that wrote it, or re-run `didbq binarize`")
+                            f"{raw.get('didbq_version', '?')}); this didbq reads versions "
+                            f"{' and '.join(READABLE_VERSIONS)}: export it again with the didbq that wrote it, or "
+                            f"re-run `didbq binarize`")
     missing = [key for key in _REQUIRED if key not in raw]
     if missing:
         raise _refuse(path, f"corrupted metadata: {', '.join(missing)} missing; write the file again")

@@ -1,14 +1,15 @@
 """`didbq.load`: a packed file (or a run folder holding one) back into the model it was written from.
 
 The timm architecture is rebuilt from the metadata (name and arguments, no pretrained weights), the stored
-recipe converts it, every binary layer gets its unpacked signs times its scale as a fixed binary weight
-(BinaryLinear.fix_binary_weight), every other tensor is loaded as stored, the activation binarizers are set as
-they were, and the model is returned in eval mode. In fp32 on the CPU its outputs are bit-identical to those of
+recipe converts it, every binary layer (BinaryLinear, BinaryConv2d) gets its unpacked signs times its scale as a
+fixed binary weight (fix_binary_weight), every other tensor is loaded as stored, the activation binarizers are
+set as they were, and the model is returned in eval mode. In fp32 on the CPU its outputs are bit-identical to those of
 the in-memory model that was written.
 """
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from didbq.errors import DidbqError
 from didbq.export.format import PACKED, SCALE, SHAPE, PackedFile, read_packed, verify_hash
 from didbq.export.packing import packed_columns, signs_as_values, unpack_signs
 from didbq.nn.binarizers import ActivationBinarizer
-from didbq.nn.linear import BinaryLinear
+from didbq.nn.binary import BinaryLayer
 
 MODEL_FILE = "model.safetensors"
 
@@ -109,18 +110,18 @@ def load_into(model: nn.Module, path: Path | str) -> nn.Module:
 
 def _misfits(model: nn.Module, packed: PackedFile) -> list[str]:
     """What in the file does not fit `model`: missing, unexpected and misshapen tensors."""
-    layers = {name for name, m in model.named_modules() if isinstance(m, BinaryLinear)}
+    layers = {name for name, m in model.named_modules() if isinstance(m, BinaryLayer)}
     stored = set(packed.binary_layers)
     tensors = packed.tensors
     expected: dict[str, tuple[int, ...] | None] = {}
     for key, tensor in model.state_dict().items():
         prefix = key[: -len(".weight")]
         if key.endswith(".weight") and prefix in stored and prefix in layers:
-            rows, columns = tensor.shape
+            rows, columns = tensor.shape[0], math.prod(tensor.shape[1:])
             words = packed_columns(columns, 8 if tensors[f"{prefix}.{PACKED}"].element_size() == 1 else 32)
-            expected.update({f"{prefix}.{PACKED}": (rows, words), f"{prefix}.{SHAPE}": (2,),
+            expected.update({f"{prefix}.{PACKED}": (rows, words), f"{prefix}.{SHAPE}": (tensor.dim(),),
                              f"{prefix}.{SCALE}": (rows, 1)})
-            if tensors[f"{prefix}.{SHAPE}"].tolist() != [rows, columns]:
+            if tensors[f"{prefix}.{SHAPE}"].tolist() != list(tensor.shape):
                 expected[f"{prefix}.{SHAPE}"] = None  # the stored shape is not the layer's
         else:
             expected[key] = tuple(tensor.shape)
@@ -140,7 +141,7 @@ def apply_packed(model: nn.Module, packed: PackedFile) -> None:
                          f"another model, another recipe or another timm version")
     verify_hash(packed)
     stored = set(packed.binary_layers)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, BinaryLinear)}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, BinaryLayer)}
     rest = {}
     for key, tensor in packed.tensors.items():
         if not key.endswith((PACKED, SHAPE, SCALE)) or key.rsplit(".", 1)[0] not in stored:
@@ -151,7 +152,7 @@ def apply_packed(model: nn.Module, packed: PackedFile) -> None:
     for name, layer in layers.items():
         if name in stored:
             tensors = {part: packed.tensors[f"{name}.{part}"] for part in (PACKED, SHAPE, SCALE)}
-            columns = int(tensors[SHAPE][1])
+            columns = math.prod(tensors[SHAPE].tolist()[1:])
             signs = signs_as_values(unpack_signs(tensors[PACKED], columns), layer.weight.dtype)
             layer.fix_binary_weight(signs, tensors[SCALE])
         else:

@@ -82,3 +82,10 @@ class TokenRPReLU(RPReLU):
         shift_in = -(self.shift_in + self._fit(self.token_shift_in, shape))
         shift_out = self.shift_out + self._fit(self.token_shift_out, shape)
         return self._prelu(x + shift_in, slope) + shift_out
+
+
+class ChannelRPReLU(RPReLU):
+    """RPReLU over the channels of [N, C, H, W] feature maps (dim 1): BinaryConv2d's activation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)

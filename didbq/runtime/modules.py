@@ -101,7 +101,8 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 def pack_for_inference(model: nn.Module) -> list[str]:
     """Swap every packable BinaryLinear of `model` (see `packable`) for a PackedBinaryLinear and make every
     binary attention core a PackedBinaryAttention, in place; the model is put in eval mode. Returns the names
-    of the swapped layers."""
+    of the swapped layers. BinaryConv2d layers (there is no packed convolution kernel) and BinaryLinear layers
+    that are not packable stay on the float path, exact as they are."""
     model.eval()
     names = [name for name, module in model.named_modules() if packable(module)]
     with torch.no_grad():

@@ -10,7 +10,7 @@ from torch.utils.hooks import RemovableHandle
 from didbq.convert.matching import first_match
 from didbq.convert.recipe import FeatureLoss, Loss
 from didbq.nn.attention import BinaryAttention
-from didbq.nn.linear import BinaryLinear
+from didbq.nn.binary import BinaryLayer
 
 
 def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -73,9 +73,9 @@ def weight_regularization(latent_weights: list[torch.Tensor]) -> torch.Tensor:
 
 
 def latent_binary_weights(model: nn.Module) -> list[torch.Tensor]:
-    """The latent weights of the BinaryLinear layers whose weights are binarized in forward."""
+    """The latent weights of the BinaryLinear and BinaryConv2d layers whose weights are binarized in forward."""
     return [m.weight for m in model.modules()
-            if isinstance(m, BinaryLinear) and m.binarize_weights and not m.weight_is_binary]
+            if isinstance(m, BinaryLayer) and m.binarize_weights and not m.weight_is_binary]
 
 
 def total_loss(loss: Loss, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,

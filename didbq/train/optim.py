@@ -8,7 +8,7 @@ from torch import nn
 
 from didbq.convert.recipe import Optimizer, Schedule
 from didbq.nn.binarizers import ActivationBinarizer
-from didbq.nn.linear import BinaryLinear
+from didbq.nn.binary import BinaryLayer
 
 
 def parameter_groups(model: nn.Module, config: Optimizer, lr: float, binarizer_lr: float | None = None
@@ -17,7 +17,7 @@ def parameter_groups(model: nn.Module, config: Optimizer, lr: float, binarizer_l
     other matrices (decay); and vectors: biases, norms, scales, thresholds, RPReLU, token shifts (no decay).
     With `binarizer_lr`, the scales and thresholds of the activation and attention binarizers form a fourth
     group with that lr and no decay (BiT's)."""
-    latent = {id(m.weight) for m in model.modules() if isinstance(m, BinaryLinear)}
+    latent = {id(m.weight) for m in model.modules() if isinstance(m, BinaryLayer)}
     binarizers = {id(p) for m in model.modules() if isinstance(m, ActivationBinarizer)
                   for p in m.parameters(recurse=False)} if binarizer_lr is not None else set()
     groups: dict[str, list[nn.Parameter]] = {"latent": [], "decay": [], "no_decay": [], "binarizer": []}

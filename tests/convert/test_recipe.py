@@ -80,11 +80,12 @@ def test_missing_recipe_file_lists_the_builtins(tmp_path: Path) -> None:
 
 
 def test_a_recipe_variant_loads_by_name_with_its_overrides() -> None:
-    recipe = load_recipe("didb[hfsc=off,linear.shortcut=false,into.MLP activation=rprelu]")
+    recipe = load_recipe("didb[hfsc=off,linear.shortcut=false,conv.depthwise=binary,into.MLP activation=rprelu]")
     assert recipe.attention.resolve().hfsc == "off"
-    linear, activation = recipe.binarize.rules
+    linear, conv, activation = recipe.binarize.rules
     assert linear.options["shortcut"] is False and activation.into == "rprelu"
-    assert load_recipe("didb").binarize.rules[1].into == "token_rprelu"  # the built-in file itself is unchanged
+    assert conv.options["depthwise"] == "binary" and conv.options["shortcut"] is True
+    assert load_recipe("didb").binarize.rules[2].into == "token_rprelu"  # the built-in file itself is unchanged
 
 
 def test_stages_override_reshapes_the_schedule_and_keeps_its_length() -> None:
@@ -142,8 +143,9 @@ def test_new_options_are_off_in_the_existing_recipes() -> None:
         assert not attention.context_shortcut and attention.context_act == "none"
         assert all(s.loss.weight_regularization == 0 and s.optimizer.binarizer_lr is None
                    and s.loss.attention_of == "binarized" for s in recipe.stages)
-        assert {rule.into for rule in recipe.binarize.rules} <= {"binary_linear", "rprelu", "token_rprelu",
-                                                                 "identity"}
+        # binary_conv2d: a plain ViT's only convolution is its patch embedding, which every recipe ignores
+        assert {rule.into for rule in recipe.binarize.rules} <= {"binary_linear", "binary_conv2d", "rprelu",
+                                                                 "token_rprelu", "identity"}
 
 
 def test_a_stage_key_override_needs_stages(tmp_path: Path) -> None:
