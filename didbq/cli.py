@@ -452,9 +452,12 @@ def _print_study(table: dict[str, Any]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the matrix as one JSON document.")
 @click.option("--markdown", type=click.Path(path_type=Path), default=None, metavar="FILE",
               help="Also write the matrix as markdown (versions, recipe, date, totals per family, per model).")
+@click.option("--record", type=click.Path(path_type=Path), default=None, metavar="FILE.jsonl",
+              help="Append each result to FILE as it comes; models already in FILE are not checked again (run the "
+                   "same command again to continue a stopped matrix).")
 def compat(patterns: tuple[str, ...], all_architectures: bool, recipe: str, max_params: float | None,
            timeout: float, threads: int | None, device: str, per_process: int, in_process: bool, as_json: bool,
-           markdown: Path | None) -> None:
+           markdown: Path | None, record: Path | None) -> None:
     """Which timm models convert, train and stay binary under --recipe. PATTERNs are timm names or fnmatch
     patterns as in timm.list_models ('levit_*'). Each model is built with pretrained=False at its default input
     size, converted (strict), trained one step on a random batch of 2 (finite gradients on every binary layer's
@@ -484,7 +487,7 @@ def compat(patterns: tuple[str, ...], all_architectures: bool, recipe: str, max_
             progress.update(task, description=name, advance=0 if result is None else 1)
 
         report = run_compat(names, recipe, max_params=max_params, timeout=timeout, threads=threads, device=device,
-                            isolate=not in_process, per_process=per_process, progress=advance)
+                            isolate=not in_process, per_process=per_process, progress=advance, record=record)
     if markdown is not None:
         write_markdown(report, markdown)
     if as_json:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import gc
+import json
 import time
 import warnings
 from collections import Counter
@@ -439,14 +440,15 @@ class _Children:
 def run_compat(names: Sequence[str], recipe: Any = "didb", *, strict: bool = True, max_params: float | None = None,
                timeout: float | None = DEFAULT_TIMEOUT, threads: int | None = None, device: str = "cpu",
                batch: int = 2, isolate: bool = True, per_process: int = 1,
-               progress: Progress | None = None) -> CompatReport:
+               progress: Progress | None = None, record: str | Path | None = None) -> CompatReport:
     """Check every model of `names` (timm names) under `recipe` (a built-in name, file or Recipe; validated here
     first).
 
     isolate: each model in a spawned child process (a new one every `per_process` models, and after a timeout or
     a crash), `timeout` seconds each (None: no limit), `threads` torch threads (default 1). isolate=False checks
     them in this process (no timeout, this process's threads). Models over `max_params` parameters (counted on
-    the meta device) are skipped with the reason recorded."""
+    the meta device) are skipped with the reason recorded. record: a JSON-lines file that gets each result as
+    it comes; models already in it are taken from it, not checked again (a stopped matrix resumes)."""
     import timm
     import torch
 
@@ -456,13 +458,14 @@ def run_compat(names: Sequence[str], recipe: Any = "didb", *, strict: bool = Tru
     if isinstance(recipe, str) and recipe != recipe_name:
         recipe_name = f"{recipe_name} ({recipe})"
     started = time.perf_counter()
+    recorded = read_record(record) if record is not None else {}
     children = _Children((recipe, strict, batch, device, threads or 1), per_process) if isolate else None
     results = []
     try:
         for name in names:
             if progress is not None:
                 progress(name, None)
-            result = _skip(name, max_params)
+            result = recorded.get(name) or _skip(name, max_params)
             if result is None and children is None:
                 result = check_model(name, recipe, strict=strict, batch=batch, device=device)
             elif result is None:
@@ -475,6 +478,8 @@ def run_compat(names: Sequence[str], recipe: Any = "didb", *, strict: bool = Tru
                 else:
                     result = outcome
             results.append(result)
+            if record is not None and name not in recorded:
+                _append_record(record, result)
             if progress is not None:
                 progress(name, result)
     finally:
@@ -482,6 +487,25 @@ def run_compat(names: Sequence[str], recipe: Any = "didb", *, strict: bool = Tru
             children.stop()
     return CompatReport(results, recipe_name, timm.__version__, torch.__version__, device,
                         datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), time.perf_counter() - started)
+
+
+def read_record(path: str | Path) -> dict[str, CompatResult]:
+    """The results a `record` file holds, by model (an absent file holds none)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    results = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            data = json.loads(line)
+            data.pop("ok", None)
+            results[data["model"]] = CompatResult(**data)
+    return results
+
+
+def _append_record(path: str | Path, result: CompatResult) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(result.as_dict()) + "\n")
 
 
 def _skip(name: str, max_params: float | None) -> CompatResult | None:

@@ -161,3 +161,21 @@ def test_cli_usage_errors_exit_2(args: list[str], expected: str, capsys: pytest.
     code, out, err = run(args, capsys)
     assert code == 2 and expected in err and out == ""
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_record_file_resumes_a_stopped_matrix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    record = tmp_path / "matrix.jsonl"
+    first = run_compat(["test_vit"], isolate=False, record=record)
+    assert [json.loads(line)["model"] for line in record.read_text().splitlines()] == ["test_vit"]
+    checked: list[str] = []
+    original = check_model
+
+    def counting(name: str, *args: object, **kwargs: object) -> CompatResult:
+        checked.append(name)
+        return original(name, *args, **kwargs)
+
+    monkeypatch.setattr("didbq.compat.check_model", counting)
+    again = run_compat(["test_vit", "test_vit2"], isolate=False, record=record)
+    assert checked == ["test_vit2"]  # test_vit came from the record
+    assert again.results[0].as_dict() == first.results[0].as_dict() and again.ok
+    assert len(record.read_text().splitlines()) == 2
