@@ -189,6 +189,8 @@ FULL_PRECISION_MIXERS: dict[str, str] = {
     "timm.models.volo.OutlookAttention": "outlook attention (weights from a linear of x, not q·kᵀ)",
     "timm.models.coat.FactorAttnConvRelPosEnc": "factorized attention (softmax(k)ᵀ v first, then q times it)",
     "timm.models.efficientvit_mit.LiteMLA": "ReLU linear attention (q (kᵀ v) without a softmax)",
+    "timm.layers.non_local_attn.BilinearAttnTransform": "bilinear attention transform (block matrices from "
+                                                        "convolutions, no q·kᵀ)",
 }
 
 

@@ -91,10 +91,9 @@ def model_input_size(model: nn.Module) -> tuple[int, int, int]:
 
     channels, height, width = resolve_model_data_config(model)["input_size"]
     patch_embed = getattr(model, "patch_embed", None)
-    owner = patch_embed if isinstance(patch_embed, nn.Module) else model
-    stem = next((m for m in owner.modules() if isinstance(m, nn.Conv2d)), None)  # the first conv sees the image
-    if stem is not None:
-        channels = stem.in_channels
+    if isinstance(patch_embed, nn.Module):  # its first convolution sees the image (volo: a stem before proj)
+        stem = next((m for m in patch_embed.modules() if isinstance(m, nn.Conv2d)), None)
+        channels = stem.in_channels if stem is not None else channels
     for owner in (patch_embed, model):
         size = getattr(owner, "img_size", None)
         if isinstance(size, int):
