@@ -7,20 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from clirun import run
 
 from didbq.cli import main
 from didbq.convert.recipe import PAPER_DIDB
 from didbq.errors import DidbqError
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_plan_json_has_the_totals(capsys: pytest.CaptureFixture[str]) -> None:

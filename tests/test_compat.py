@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from clirun import run
 
-from didbq.cli import main
 from didbq.compat import (
     CompatReport,
     CompatResult,
@@ -31,16 +31,6 @@ def _recipe(tmp_path: Path, text: str) -> str:
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
     return str(path)
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_small_vits_convert_train_and_stay_binary() -> None:
