@@ -28,7 +28,7 @@ ENV = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "HF_HUB_OFFLINE": "1", "HF_DA
        "DIDBQ": str(BIN / "didbq") if (BIN / "didbq").exists() else f"{sys.executable} -m didbq",
        "PYTHON": sys.executable}
 for _name in ("RECIPE", "MODEL_ARGS", "MIN_COMPRESSION", "MIN_OPS_REDUCTION", "DATA", "TRAIN_IMG_SIZE", "SHORT",
-              "REPORT_DIR", "KEEP_WORK", "FAIL_FAST", "TEACHER_CHECKPOINT", "DEVICE"):
+              "REPORT_DIR", "KEEP_WORK", "FAIL_FAST", "TEACHER_CHECKPOINT", "DEVICE", "COMPAT", "COMPAT_TIMEOUT"):
     ENV.pop(_name, None)  # the script's settings come from each test, not from the caller's shell
 TINY = {"MODEL_ARGS": "-m img_size=32", "DEVICE": "cpu"}  # vit_tiny at 32x32: 8.8x smaller, 22.9x fewer OPs
 
@@ -51,7 +51,7 @@ def test_ci_script_passes_a_tiny_backbone_end_to_end(passing: dict) -> None:
     result = passing["result"]
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    for gate in ("block linears: all 48 Linear layers inside blocks have 1-bit weights and 1-bit inputs",
+    for gate in ("compat: converts", "block linears: all 48 Linear layers inside blocks have 1-bit weights and 1-bit inputs",
                  "compression: 8.82x smaller", "OPs reduction: 22.90x fewer OPs", "packed file:", "FLOP count:"):
         assert f"PASS  {gate}" in out, out
     assert "didbq binarize vit_tiny_patch16_224" in out
@@ -60,8 +60,11 @@ def test_ci_script_passes_a_tiny_backbone_end_to_end(passing: dict) -> None:
     assert summary, out
     assert out.rstrip().endswith("all 1 backbone(s) passed")
     reports = passing["reports"]
-    assert sorted(p.name for p in reports.iterdir()) == ["summary.txt", "vit_tiny_patch16_224.plan.json",
+    assert sorted(p.name for p in reports.iterdir()) == ["summary.txt", "vit_tiny_patch16_224.compat.json",
+                                                         "vit_tiny_patch16_224.plan.json",
                                                          "vit_tiny_patch16_224.report.json"]
+    compat = json.loads((reports / "vit_tiny_patch16_224.compat.json").read_text())["models"][0]
+    assert compat["ok"] and compat["binary_layers"] == 48
     report = json.loads((reports / "vit_tiny_patch16_224.report.json").read_text())
     assert report["file"]["ok"] and report["input_size"] == [3, 32, 32] and "fully-binary" in report["results"]
     assert summary.group(0) in (reports / "summary.txt").read_text()
@@ -91,7 +94,7 @@ def test_ci_script_fails_a_block_linear_kept_in_full_precision(passing: dict, tm
     fake = tmp_path / "fake_didbq"
     fake.write_text(f"#!/bin/sh\ncat {tmp_path / 'plan.json'}\n")
     fake.chmod(0o755)
-    result = run_script("vit_tiny_patch16_224", "another_vit", cwd=tmp_path, DIDBQ=str(fake))
+    result = run_script("vit_tiny_patch16_224", "another_vit", cwd=tmp_path, DIDBQ=str(fake), COMPAT="0")
     assert result.returncode == 1, result.stdout + result.stderr
     assert ("FAIL  block linears: 1 of 48 Linear layers inside blocks are not binary (1-bit weights and inputs): "
             "blocks.3.mlp.fc2 (fp weights, fp inputs)") in result.stdout
@@ -99,11 +102,29 @@ def test_ci_script_fails_a_block_linear_kept_in_full_precision(passing: dict, tm
     assert "2 of 2 backbone(s) failed" in result.stderr
 
 
+def test_ci_script_stops_a_backbone_that_fails_the_compat_check(tmp_path: Path) -> None:
+    """`didbq compat`'s verdict on a backbone whose training step fails, served by a stand-in didbq command:
+    nothing else runs for it."""
+    verdict = {"models": [{"model": "some_vit", "ok": False, "stage": "train",
+                           "reason": "blocks.0.mlp.fc1: non-finite gradient on its latent weight"}]}
+    (tmp_path / "compat.json").write_text(json.dumps(verdict))
+    fake = tmp_path / "fake_didbq"
+    fake.write_text(f"#!/bin/sh\ncat {tmp_path / 'compat.json'}\nexit 1\n")
+    fake.chmod(0o755)
+    result = run_script("some_vit", cwd=tmp_path, DIDBQ=str(fake))
+    assert result.returncode == 1, result.stdout + result.stderr
+    line = "compat: stopped at train: blocks.0.mlp.fc1: non-finite gradient on its latent weight"
+    assert f"FAIL  {line}" in result.stdout and f"FAIL  some_vit: {line}" in result.stdout
+    assert "didbq plan" not in result.stdout
+
+
 def test_ci_script_usage_errors_exit_2(tmp_path: Path) -> None:
     result = run_script(cwd=tmp_path)
     assert result.returncode == 2 and "name at least one timm backbone" in result.stderr
     result = run_script("test_vit", cwd=tmp_path, MODEL_ARGS="-m img_size")
     assert result.returncode == 2 and "MODEL_ARGS: 'img_size' is not key=value" in result.stderr
+    result = run_script("test_vit", cwd=tmp_path, COMPAT="yes")
+    assert result.returncode == 2 and "COMPAT must be 0 or 1" in result.stderr
 
 
 def test_github_workflow_is_valid_and_runs_the_script() -> None:

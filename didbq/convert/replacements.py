@@ -2,15 +2,16 @@
 
 A builder receives the module being replaced and what the probe saw of it (the input shape of one image), so
 that token-wise parameters can be sized without the recipe spelling out shapes. A replacement may keep some of
-the modules its rule matches as they are (`keeps` says why, e.g. binary_conv2d's depthwise convolutions): its
-builder then returns the module itself.
+the modules its rule matches as they are (`keeps` says why, from the module and its input: binary_conv2d's
+depthwise convolutions, the convolution that reads the image, gates on globally pooled maps).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from didbq.nn.binarizers import ACTIVATION_BINARIZERS
@@ -44,6 +45,17 @@ class BinaryLinearOptions(Options):
         return name
 
     surrogate: Literal["approx_sign", "ste"] = "approx_sign"
+    threshold_init: Literal["zero", "mean"] = Field(
+        "zero", description="where the binarizer's learnable threshold starts (rsign, bit_signed): 0, or minus "
+                            "the per-channel mean of the first training batch (inputs after a ReLU)")
+
+    @model_validator(mode="after")
+    def _threshold_learnable(self) -> "BinaryLinearOptions":
+        if self.threshold_init == "mean" and not ACTIVATION_BINARIZERS[self.input_binarizer].learnable_threshold:
+            raise ValueError(f"threshold_init: mean needs a binarizer with a learnable threshold (rsign, "
+                             f"bit_signed), not {self.input_binarizer!r}")
+        return self
+
     shortcut: bool = Field(False, description="y = act(norm(BinLinear(x)) + x), x repeated or group-averaged")
     norm: Literal["layernorm", "batchnorm", "none"] = Field(
         "none", description="norm of the binary product's output (batchnorm: over channels, the lineage's)")
@@ -58,9 +70,25 @@ class BinaryConv2dOptions(BinaryLinearOptions):
     act: Literal["none", "rprelu"] = Field("none", description="per-channel RPReLU after the layer")
     depthwise: Literal["keep", "binary"] = Field(
         "keep", description="depthwise convolutions (groups = in_channels > 1) stay full precision, or binary")
+    image_input: Literal["keep", "binary"] = Field(
+        "keep", description="a convolution that reads the model's input image (a stem named otherwise, e.g. "
+                            "ResNet's conv1) stays full precision, or binary")
+    pooled: Literal["keep", "binary"] = Field(
+        "keep", description="convolutions on 1x1 maps (squeeze-excitation and selective-kernel gates after global "
+                            "pooling) stay full precision, or binary")
 
 
-def _never_kept(module: nn.Module, options: Options) -> str | None:
+@dataclass(frozen=True)
+class SeenInput:
+    """What the conversion's probe saw of a module's first input."""
+
+    shape: tuple[int, ...]  # of one forward's input (the example batch)
+    device: torch.device
+    dtype: torch.dtype
+    is_model_input: bool = False  # the tensor the model itself was called with
+
+
+def _never_kept(module: nn.Module, seen: SeenInput, options: Options) -> str | None:
     return None
 
 
@@ -69,7 +97,7 @@ class Replacement:
     options: type[Options]
     build: Callable[[nn.Module, tuple[int, ...], Options], nn.Module]
     accepts: tuple[type[nn.Module], ...] = (nn.Module,)
-    keeps: Callable[[nn.Module, Options], str | None] = _never_kept  # why a matched module stays as it is
+    keeps: Callable[[nn.Module, SeenInput, Options], str | None] = _never_kept  # why a matched module stays as is
 
 
 REPLACEMENTS: Registry[Replacement] = Registry("replacement")
@@ -83,25 +111,37 @@ def _activation(name: ActName, channels: int, token_shape: tuple[int, ...], opti
     return None
 
 
+def _threshold_started(layer: BinaryLinear | BinaryConv2d, options: BinaryLinearOptions) -> nn.Module:
+    if options.threshold_init == "mean":
+        layer.input_binarizer.start_threshold_at_mean()
+    return layer
+
+
 def _build_binary_linear(module: nn.Module, shape: tuple[int, ...], options: BinaryLinearOptions) -> nn.Module:
     act = _activation(options.act, module.out_features, shape[1:-1], RPReLUOptions())
-    return BinaryLinear.from_linear(module, input_binarizer=options.input_binarizer, surrogate=options.surrogate,
-                                    shortcut=options.shortcut, norm=options.norm, act=act)
+    return _threshold_started(BinaryLinear.from_linear(
+        module, input_binarizer=options.input_binarizer, surrogate=options.surrogate, shortcut=options.shortcut,
+        norm=options.norm, act=act), options)
 
 
-def _conv_kept(module: nn.Module, options: BinaryConv2dOptions) -> str | None:
-    """Why a depthwise convolution stays full precision under `depthwise: keep` (the default): it holds few
-    weights and little of the work, so keeping it costs little."""
+def _conv_kept(module: nn.Module, seen: SeenInput, options: BinaryConv2dOptions) -> str | None:
+    """Why a convolution stays full precision under the option that keeps it (each is on by default): a
+    depthwise one holds few weights and little of the work; the one that reads the image gets 3 channels,
+    too little to survive binary inputs (every binary network keeps its first layer); a gate on pooled 1x1 maps
+    runs once per image, and its BatchNorm would see one value per image."""
     depthwise = module.groups > 1 and module.groups == module.in_channels
-    return "depthwise convolution (binary_conv2d depthwise: keep)" if depthwise and options.depthwise == "keep" else None
+    pooled = len(seen.shape) == 4 and seen.shape[2:] == (1, 1)
+    reasons = ((depthwise, options.depthwise, "depthwise convolution (binary_conv2d depthwise: keep)"),
+               (seen.is_model_input, options.image_input, "reads the input image (binary_conv2d image_input: keep)"),
+               (pooled, options.pooled, "gate on globally pooled 1x1 maps (binary_conv2d pooled: keep)"))
+    return next((reason for applies, option, reason in reasons if applies and option == "keep"), None)
 
 
 def _build_binary_conv2d(module: nn.Module, shape: tuple[int, ...], options: BinaryConv2dOptions) -> nn.Module:
-    if _conv_kept(module, options):
-        return module
     act = ChannelRPReLU(module.out_channels) if options.act == "rprelu" else None
-    return BinaryConv2d.from_conv(module, input_binarizer=options.input_binarizer, surrogate=options.surrogate,
-                                  shortcut=options.shortcut, norm=options.norm, act=act)
+    return _threshold_started(BinaryConv2d.from_conv(
+        module, input_binarizer=options.input_binarizer, surrogate=options.surrogate, shortcut=options.shortcut,
+        norm=options.norm, act=act), options)
 
 
 def _build_rprelu(module: nn.Module, shape: tuple[int, ...], options: RPReLUOptions) -> nn.Module:

@@ -24,7 +24,7 @@ from didbq.convert.adapters import (
 )
 from didbq.convert.matching import first_match
 from didbq.convert.recipe import Recipe, Rule, load_recipe
-from didbq.convert.replacements import REPLACEMENTS
+from didbq.convert.replacements import REPLACEMENTS, SeenInput
 from didbq.convert.routing import (
     CORE_ATTRIBUTE,
     ProductEvent,
@@ -174,28 +174,19 @@ class _Walk:
         return [rule for rule in self.recipe.binarize.rules if self.rule_hits[id(rule)] == 0]
 
 
-@dataclass
-class _Seen:
-    """What the probe saw of a module's first input."""
-
-    shape: tuple[int, ...]
-    device: torch.device
-    dtype: torch.dtype
-
-
-Probed = tuple[dict[str, _Seen], dict[str, BinaryAttention], dict[str, list[ProductEvent]]]
+Probed = tuple[dict[str, SeenInput], dict[str, BinaryAttention], dict[str, list[ProductEvent]]]
 
 
 def _probe(model: nn.Module, walk: _Walk, example: torch.Tensor) -> Probed:
     """One full-precision forward pass: input shapes of planned modules, the geometry of each attention, and what
     each found attention class computes (the products and softmaxes of its forward)."""
-    seen: dict[str, _Seen] = {}
+    seen: dict[str, SeenInput] = {}
     hooks = []
     for name in [*walk.planned, *walk.attention]:
         def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = name) -> None:
             tensor = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
             if tensor is not None and name not in seen:
-                seen[name] = _Seen(tuple(tensor.shape), tensor.device, tensor.dtype)
+                seen[name] = SeenInput(tuple(tensor.shape), tensor.device, tensor.dtype, tensor is example)
         hooks.append(model.get_submodule(name).register_forward_pre_hook(record, with_kwargs=True))
     recorders: dict[str, BinaryAttention] = {}
     events: dict[str, list[ProductEvent]] = {}
@@ -264,7 +255,7 @@ def _unrouted_reason(name: str, cls: type, events: list[ProductEvent], strict: b
 
 
 def _build_core(model: nn.Module, name: str, adapter: AttentionAdapter, recorder: BinaryAttention,
-                seen: _Seen | None, recipe: Recipe) -> BinaryAttention:
+                seen: SeenInput | None, recipe: Recipe) -> BinaryAttention:
     call = recorder.last_call
     if call is None:
         raise ConversionCheckError(
@@ -281,7 +272,7 @@ def _build_core(model: nn.Module, name: str, adapter: AttentionAdapter, recorder
     return core.to(seen.device, seen.dtype) if seen is not None else core
 
 
-def _swap_modules(model: nn.Module, walk: _Walk, seen: dict[str, _Seen], conversion: Conversion) -> None:
+def _swap_modules(model: nn.Module, walk: _Walk, seen: dict[str, SeenInput], conversion: Conversion) -> None:
     for name, rule in walk.planned.items():
         module = model.get_submodule(name)
         if name not in seen:
@@ -293,7 +284,7 @@ def _swap_modules(model: nn.Module, walk: _Walk, seen: dict[str, _Seen], convers
             raise RecipeError(f"rule {rule.label!r}: {name} is a {type(module).__name__}, but {rule.into} replaces "
                               f"only {', '.join(c.__name__ for c in replacement.accepts)}")
         options = replacement.options.model_validate(rule.options)  # validated with the recipe already
-        reason = replacement.keeps(module, options)
+        reason = replacement.keeps(module, seen[name], options)
         if reason is not None:
             conversion.kept.append(KeptModule(name, original_class(module).__name__, reason,
                                               sum(p.numel() for p in module.parameters())))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from didbq.errors import DidbqError
 from didbq.registry import Registry
 
 
@@ -74,12 +75,34 @@ def binarize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class ActivationBinarizer(nn.Module):
     """Base of the activation binarizers: `enabled=False` passes the input through (full-precision mode)."""
 
+    learnable_threshold = False  # whether a `shift` parameter moves the threshold (threshold_init: mean)
+
     def __init__(self) -> None:
         super().__init__()
         self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.binarize(x) if self.enabled else x
+        if not self.enabled:
+            return x
+        if self.training and "threshold_started" in self._buffers and not bool(self.threshold_started):
+            self._start_threshold(x)
+        return self.binarize(x)
+
+    def start_threshold_at_mean(self) -> None:
+        """Start the learnable threshold (`shift`) at minus the per-channel mean of the first training batch
+        instead of 0 (a recipe's `threshold_init: mean`). Inputs that follow a ReLU are all >= 0, so a threshold
+        at 0 turns them into all +1: the binary product is then constant, and the BatchNorm after it divides by
+        a zero variance (gradients x 1/sqrt(eps) per layer). The flag is a buffer, so a resumed or loaded model
+        is not started twice."""
+        if not self.learnable_threshold:
+            raise DidbqError(f"threshold_init: mean needs a binarizer with a learnable threshold (rsign, "
+                             f"bit_signed), not {type(self).__name__}")
+        self.register_buffer("threshold_started", torch.tensor(False))
+
+    def _start_threshold(self, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.shift.copy_(-x.detach().flatten(0, -2).float().mean(0))
+        self.threshold_started.fill_(True)
 
     def binarize(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -124,6 +147,8 @@ class Sign(ActivationBinarizer):
 class RSign(Sign):
     """ReActNet's sign(x + b) with a learnable per-channel threshold b (last dimension), initialised at 0."""
 
+    learnable_threshold = True
+
     def __init__(self, channels: int, surrogate: str = "approx_sign") -> None:
         super().__init__(channels, surrogate)
         self.shift = nn.Parameter(torch.zeros(channels))
@@ -140,6 +165,8 @@ class BiTSigned(ActivationBinarizer):
     is a buffer, so a resumed or loaded model is not initialised twice.
     """
 
+    learnable_threshold = True
+
     def __init__(self, channels: int, surrogate: str = "ste") -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.ones(channels))
@@ -150,7 +177,7 @@ class BiTSigned(ActivationBinarizer):
         if self.training and not bool(self.initialised):
             with torch.no_grad():
                 dims = tuple(range(x.dim() - 1))
-                self.scale.copy_(x.abs().mean(dim=dims).clamp_min(1e-4))
+                self.scale.copy_((x + self.shift).abs().mean(dim=dims).clamp_min(1e-4))
                 self.initialised.fill_(True)
         scale = self.scale.abs().clamp_min(1e-6)
         ratio = ((x + self.shift) / scale).clamp(-1.0, 1.0)

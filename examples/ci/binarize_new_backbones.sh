@@ -6,6 +6,9 @@
 #   MODEL_ARGS="-m img_size=64" MIN_COMPRESSION=12 bash examples/ci/binarize_new_backbones.sh vit_small
 #
 # For every backbone, in order (a failed step skips that backbone's later steps; the others still run):
+#   0. `didbq compat MODEL --recipe $RECIPE --json`: built at its default input size (MODEL_ARGS do not apply),
+#      converted, one training step on a random batch (finite gradients on every binary layer), still binary
+#      after it, every binary layer and attention core running. Skipped with COMPAT=0.
 #   1. `didbq plan MODEL --recipe $RECIPE --json`: the dry run, at the model's own input size (or MODEL_ARGS).
 #   2. Gates on the plan:
 #      - block linears: every Linear inside a transformer block (a module path with `blocks.N.`, as in
@@ -36,6 +39,8 @@
 #   TRAIN_IMG_SIZE     input size of the smoke test, default 32 (MODEL_ARGS' img_size wins; empty: the model's)
 #   SHORT=1 / --quick  the tiniest budget (2 steps on 64 images, 32 test images) instead of 20 steps on 512
 #   DEVICE             --device of the smoke test, default auto
+#   COMPAT             1 (default) runs step 0; 0 skips it (a backbone too big to train a step at full size)
+#   COMPAT_TIMEOUT     seconds for step 0, default 600
 #   TEACHER_CHECKPOINT a real teacher (safetensors) for the smoke test instead of a random one (one backbone)
 #   REPORT_DIR         where to keep <model>.plan.json, <model>.report.json and summary.txt (for CI artifacts);
 #                      default: not kept
@@ -81,6 +86,8 @@ REPORT_DIR=${REPORT_DIR:-}
 KEEP_WORK=${KEEP_WORK:-0}
 FAIL_FAST=${FAIL_FAST:-0}
 TEACHER_CHECKPOINT=${TEACHER_CHECKPOINT:-}
+COMPAT=${COMPAT:-1}
+COMPAT_TIMEOUT=${COMPAT_TIMEOUT:-600}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
 # OpenMP threads that spin at barriers make training 30-70x slower when another process shares the cores (a
 # busy CI runner: measured 25 s instead of 0.35 s per DeiT-S-sized step on 2 cores); waiting passively costs
@@ -112,12 +119,16 @@ if ! "$PYTHON" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec
     exit 2
 fi
 
-for number in "$MIN_COMPRESSION" "$MIN_OPS_REDUCTION"; do
+for number in "$MIN_COMPRESSION" "$MIN_OPS_REDUCTION" "$COMPAT_TIMEOUT"; do
     if ! [[ $number =~ ^[0-9]+([.][0-9]+)?$ ]]; then
-        echo "error: MIN_COMPRESSION and MIN_OPS_REDUCTION must be numbers (got '$number')" >&2
+        echo "error: MIN_COMPRESSION, MIN_OPS_REDUCTION and COMPAT_TIMEOUT must be numbers (got '$number')" >&2
         exit 2
     fi
 done
+if [[ $COMPAT != 0 && $COMPAT != 1 ]]; then
+    echo "error: COMPAT must be 0 or 1 (got '$COMPAT')" >&2
+    exit 2
+fi
 
 # MODEL_ARGS -> plan arguments (-m k=v) and training overrides (model.k=v)
 PLAN_ARGS=()
@@ -226,6 +237,20 @@ if failed:
 PY
 )
 
+# The compat check's verdict: one line, exit 1 unless the model converts, trains and stays binary.
+COMPAT_PY=$(cat <<'PY'
+import json, sys
+
+result = json.load(open(sys.argv[1]))["models"][0]
+if result["ok"]:
+    print(f"  PASS  compat: converts ({result['convert_seconds']:.2f} s), trains a step, stays binary "
+          f"({result['binary_layers']} binary layers)")
+else:
+    print(f"  FAIL  compat: stopped at {result['stage']}: {result['reason']}")
+    sys.exit(1)
+PY
+)
+
 # A randomly initialised teacher that fits the run: the recipe's model args, the data's classes.
 TEACHER_PY=$(cat <<'PY'
 import sys
@@ -282,6 +307,24 @@ run_model() {   # run_model MODEL: 0 when every gate and step passed
     mkdir -p "$dir"
     log=$dir/log.txt
 
+    if [[ $COMPAT == 1 ]]; then
+        echo "== $model: didbq compat $model --recipe '$RECIPE'"
+        "${DIDBQ_CMD[@]}" compat "$model" --recipe "$RECIPE" --timeout "$COMPAT_TIMEOUT" --json \
+            >"$dir/compat.json" 2>"$log" || true   # exit 1 is a verdict: COMPAT_PY reads it
+        [[ -n $REPORT_DIR && -s $dir/compat.json ]] && cp "$dir/compat.json" "$REPORT_DIR/$safe.compat.json"
+        if ! [[ -s $dir/compat.json ]]; then
+            step_failed compat "didbq compat exited with an error" ""
+            return 1
+        fi
+        local verdict
+        status=0
+        verdict=$("$PYTHON" -c "$COMPAT_PY" "$dir/compat.json") || status=$?
+        printf '%s\n' "$verdict"
+        if ((status != 0)); then
+            SUMMARY+=("FAIL  $model: ${verdict#  FAIL  }")
+            return 1
+        fi
+    fi
     echo "== $model: didbq plan $model --recipe '$RECIPE' ${PLAN_ARGS[*]}"
     if ! "${DIDBQ_CMD[@]}" plan "$model" --recipe "$RECIPE" "${PLAN_ARGS[@]}" --json >"$dir/plan.json" 2>"$log"; then
         step_failed plan "didbq plan exited with an error" ""

@@ -9,6 +9,7 @@ from torch import nn
 
 import didbq
 from didbq.convert import REPLACEMENTS
+from didbq.convert.replacements import SeenInput
 from didbq.convert.walker import convert
 from didbq.errors import RecipeError
 from didbq.nn import BinaryConv2d, BinaryLinear, ChannelRPReLU, set_binarization
@@ -20,15 +21,27 @@ def _build(conv: nn.Conv2d, **options: object) -> nn.Module:
     return REPLACEMENT.build(conv, (1, conv.in_channels, 8, 8), REPLACEMENT.options.model_validate(options))
 
 
+def _kept(conv: nn.Conv2d, size: int = 8, is_model_input: bool = False, **options: object) -> str | None:
+    seen = SeenInput((2, conv.in_channels, size, size), torch.device("cpu"), torch.float32, is_model_input)
+    return REPLACEMENT.keeps(conv, seen, REPLACEMENT.options.model_validate(options))
+
+
 def test_depthwise_convolutions_stay_full_precision_unless_asked() -> None:
     depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-    keep = REPLACEMENT.options.model_validate({})
-    assert REPLACEMENT.keeps(depthwise, keep) == "depthwise convolution (binary_conv2d depthwise: keep)"
-    assert _build(depthwise) is depthwise
+    assert _kept(depthwise) == "depthwise convolution (binary_conv2d depthwise: keep)"
+    assert _kept(depthwise, depthwise="binary") is None
     binary = _build(depthwise, depthwise="binary")
     assert isinstance(binary, BinaryConv2d) and binary.groups == 8 and binary.depthwise
-    grouped = nn.Conv2d(8, 8, 3, groups=2)  # grouped, not depthwise: replaced
-    assert REPLACEMENT.keeps(grouped, keep) is None and isinstance(_build(grouped), BinaryConv2d)
+    assert _kept(nn.Conv2d(8, 8, 3, groups=2)) is None  # grouped, not depthwise: replaced
+
+
+def test_the_convolution_reading_the_image_and_pooled_gates_stay_full_precision_unless_asked() -> None:
+    conv = nn.Conv2d(8, 16, 1)
+    assert _kept(conv, is_model_input=True) == "reads the input image (binary_conv2d image_input: keep)"
+    assert _kept(conv, is_model_input=True, image_input="binary") is None
+    assert _kept(conv, size=1) == "gate on globally pooled 1x1 maps (binary_conv2d pooled: keep)"
+    assert _kept(conv, size=1, pooled="binary") is None
+    assert _kept(conv) is None
 
 
 def test_options_reach_the_layer() -> None:
@@ -41,7 +54,9 @@ def test_options_reach_the_layer() -> None:
 
 @pytest.mark.parametrize("options, problem", [
     ({"act": "token_rprelu"}, "options.act"), ({"depthwise": "half"}, "options.depthwise"),
-    ({"input_binarizer": "tanh"}, "unknown activation binarizer"), ({"norm": "groupnorm"}, "options.norm")])
+    ({"input_binarizer": "tanh"}, "unknown activation binarizer"), ({"norm": "groupnorm"}, "options.norm"),
+    ({"input_binarizer": "sign", "threshold_init": "mean"}, "needs a binarizer with a learnable threshold"),
+    ({"pooled": "drop"}, "options.pooled")])
 def test_bad_options_are_recipe_errors(options: dict, problem: str) -> None:
     with pytest.raises(RecipeError, match=problem):
         conv_recipe(**options)

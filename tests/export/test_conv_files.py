@@ -22,10 +22,11 @@ from didbq.nn import BinaryConv2d
 @pytest.fixture(scope="module")
 def model_and_recipe() -> tuple[torch.nn.Module, object]:
     """test_maxvit with every convolution but the stem and SE binary (depthwise ones included: groups, stride 2),
-    BatchNorm2d and RPReLU after each, trained two steps."""
+    BatchNorm2d and RPReLU after each, thresholds started at the first batch's mean, trained two steps."""
     torch.manual_seed(0)
     model = didbq.build_model(MODEL, **ARGS)
-    conversion = convert(model, conv_recipe(norm="batchnorm", act="rprelu", depthwise="binary"))
+    conversion = convert(model, conv_recipe(norm="batchnorm", act="rprelu", depthwise="binary",
+                                            threshold_init="mean"))
     return trained(model), conversion.recipe
 
 
@@ -53,6 +54,7 @@ def test_binary_convolutions_round_trip_to_bit_identical_logits(model_and_recipe
     assert torch.equal(_logits(packed, images), expected)  # BinaryConv2d on the float path there
     loaded = {name: m for name, m in reference.named_modules() if isinstance(m, BinaryConv2d)}
     assert any(m.groups > 1 for m in loaded.values()) and all(m.weight_is_binary for m in loaded.values())
+    assert all(bool(m.input_binarizer.threshold_started) for m in loaded.values())  # not started again
     assert any(isinstance(m, BinaryConv2d) for m in packed.modules())
     assert read_packed(path).metadata["format_version"] == str(FORMAT_VERSION) == "2"
 

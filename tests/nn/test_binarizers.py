@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from didbq.errors import DidbqError
 from didbq.nn import ACTIVATION_BINARIZERS, binarize_weight, hard_sign, set_binarization
 from didbq.nn.binarizers import BiTSigned, Identity, RSign, Sign, sign_with_surrogate
 
@@ -222,6 +223,48 @@ def test_rsign_shift_moves_the_threshold_and_gets_gradient() -> None:
     expected = ((x + module.shift.detach()).abs() <= 1).float().sum(0)
     assert torch.allclose(module.shift.grad, expected)
     assert (module.shift.grad != 0).any()
+
+
+# ---------------------------------------------------------------- threshold_init: mean
+
+
+@pytest.mark.parametrize("name", ["rsign", "bit_signed"])
+def test_threshold_starts_at_minus_the_mean_of_the_first_training_batch(name: str) -> None:
+    binarizer = ACTIVATION_BINARIZERS[name](4)
+    binarizer.start_threshold_at_mean()
+    after_relu = torch.relu(torch.randn(6, 5, 4)) * torch.tensor([0.5, 1.0, 2.0, 4.0])
+    binarizer.eval()
+    binarizer(after_relu)
+    assert not bool(binarizer.threshold_started)  # eval passes do not start it
+    assert torch.equal(binarizer.shift.detach(), torch.zeros(4))
+    binarizer.train()
+    y = binarizer(after_relu)
+    assert torch.allclose(binarizer.shift.detach(), -after_relu.mean(dim=(0, 1)))
+    assert (y > 0).any() and (y < 0).any()  # a threshold at 0 gives all +1 after a ReLU
+    started = binarizer.shift.detach().clone()
+    binarizer(after_relu * 100)
+    assert torch.equal(binarizer.shift.detach(), started)  # once only
+    fresh = ACTIVATION_BINARIZERS[name](4)
+    fresh.start_threshold_at_mean()
+    fresh.load_state_dict(binarizer.state_dict())  # the flag travels with the weights: a resumed run keeps it
+    fresh.train()
+    fresh(after_relu * 100)
+    assert torch.equal(fresh.shift.detach(), started)
+
+
+def test_bit_signed_scale_starts_from_the_centred_inputs() -> None:
+    binarizer = BiTSigned(3)
+    binarizer.start_threshold_at_mean()
+    x = torch.rand(8, 3) + 5.0
+    binarizer.train()
+    binarizer(x)
+    assert torch.allclose(binarizer.scale.detach(), (x - x.mean(0)).abs().mean(0).clamp_min(1e-4))
+
+
+@pytest.mark.parametrize("cls", [Sign, Identity])
+def test_threshold_init_needs_a_learnable_threshold(cls: type) -> None:
+    with pytest.raises(DidbqError, match="learnable threshold"):
+        cls(4).start_threshold_at_mean()
 
 
 # ---------------------------------------------------------------- BiTSigned
