@@ -108,7 +108,7 @@ def test_markdown() -> None:
                CompatResult("big_c", "odd", 900_000_000, stage="skipped", reason="too big")]
     report = CompatReport(results, "didb", "1.0.99", "2.9.0", "cpu", "2026-01-02 03:04 UTC", 75.0)
     text = compat_markdown(report)
-    for expected in ("recipe `didb`", "timm 1.0.99, torch 2.9.0, device cpu, 2026-01-02 03:04 UTC, run time 75 s",
+    for expected in ("recipe `didb`", "timm 1.0.99, torch 2.9.0, device cpu, 2026-01-02 03:04 UTC, run time 75 s; the checks took 4 s",
                      "Overall: 1 of 2 checked models pass (50%), 1 skipped. ViT families: 1 of 1 (100%).",
                      "| **vision_transformer** | 1 | 1 | 1 | 1 | 1 | 1 (100%) | 0 |",
                      "| odd | 2 | 1 | 1 | 0 | 0 | 0 (0%) | 1 |",
@@ -126,7 +126,7 @@ def test_cli_json_table_markdown_and_exit_codes(tmp_path: Path, capsys: pytest.C
                          capsys)
     assert code == 0, err
     data = json.loads(out)
-    assert set(data) >= {"timm", "torch", "recipe", "date", "seconds", "ok", "total", "vit_families", "families",
+    assert set(data) >= {"timm", "torch", "recipe", "date", "seconds", "check_seconds", "ok", "total", "vit_families", "families",
                          "models"}
     assert data["ok"] and data["recipe"] == "didb" and data["total"]["ok"] == 1
     model = data["models"][0]
