@@ -78,3 +78,28 @@ def test_a_hybrid_model_converts_and_switches_with_the_stages() -> None:
     set_binarization(model)
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(2, 3, 64, 64))).all()
+
+
+def test_binary_convolutions_after_a_relu_see_both_signs() -> None:
+    """efficientformer's MLPs read a ReLU's output (>= 0): with the threshold at 0 every binary input would be +1,
+    a constant product that the BatchNorm after it turns into exploding gradients. didb starts the threshold at
+    the first training batch's mean, so every binary convolution sees both signs."""
+    torch.manual_seed(0)
+    model = didbq.build_model("efficientformer_l1", pretrained=False, depths=(1, 1, 1, 2))
+    conversion = convert(model, "didb")
+    fractions = {}
+
+    def record(name: str):  # noqa: ANN202
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            fractions.setdefault(name, (out > 0).float().mean().item())
+        return hook
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, BinaryConv2d)}
+    for name, layer in layers.items():
+        layer.input_binarizer.register_forward_hook(record(name))
+    model.train()
+    images = torch.randn(4, *conversion.example_input.shape[1:])
+    model(images).logsumexp(-1).mean().backward()
+    assert layers and set(fractions) == set(layers)
+    assert all(0.05 < plus < 0.95 for plus in fractions.values()), fractions
+    assert all(torch.isfinite(layer.weight.grad).all() for layer in layers.values())
