@@ -465,8 +465,8 @@ def datasets_for(data: ImageData, model: nn.Module, recipe: Recipe) -> tuple[Tra
 
 def calibrate(model: nn.Module, train_set: TransformedImages, batch: int, seed: int,
               device: torch.device | str = "cpu") -> None:
-    """Data-aware initialisation (BiT scales, attention-probability scales) from the first batch of epoch 0,
-    the same on every rank, before DDP takes over."""
+    """Data-aware initialisation (BiT scales, attention-probability scales, thresholds started at the mean) from
+    the first batch of epoch 0, the same on every rank, before DDP takes over."""
     indices = epoch_order(len(train_set), 0, seed)[:batch].tolist()
     train_set.set_epoch(0)
     images = torch.stack([train_set[i][0] for i in indices]).to(device)
