@@ -270,13 +270,17 @@ class BinaryAttention(nn.Module):
     def scores(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
         """Binary Q·Kᵀ * scale; with HFSC the weighted sum of the per-band binary similarities.
 
-        The scale and band weights multiply the binary queries ([N, D]) rather than the products ([N, N]), and
-        the bands are concatenated along the head dimension so that one batched product sums them.
+        With one band the product comes first and the scale after, as in the packed kernel ((D - 2 popcount) *
+        scale): ±1 products are exact integers in any summation order, so keys at the same Hamming distance get
+        the same score, and a row's ties (ensure_one_key keeps all of its best keys) are the kernel's. Scaling
+        the queries first saves an [N, N] multiply but rounds each sum differently under a scale that is not a
+        power of two (head dim 32: pvt_v2). With HFSC the scale and band weights multiply the binary queries
+        ([N, D]) and the bands are concatenated along the head dimension so that one batched product sums them.
         """
         self.record_call(q, k)
         bands = self._bands(q, k)
         if bands is None:
-            return self.score_tap((self.q_binarizers[0](q) * scale) @ self.k_binarizers[0](k).transpose(-2, -1))
+            return self.score_tap((self.q_binarizers[0](q) @ self.k_binarizers[0](k).transpose(-2, -1)).mul_(scale))
         q_bands, k_bands = bands
         queries = torch.cat([binarizer(band) * (weight * scale) for binarizer, band, weight
                              in zip(self.q_binarizers, q_bands, self.band_weights)], dim=-1)

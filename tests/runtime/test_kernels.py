@@ -110,6 +110,31 @@ def test_fused_attention_equals_the_float_core(variant: str, aggregation: str, h
         assert packed.last_call == core.last_call  # the report's operation counts see the same call
 
 
+def test_keys_tied_in_hamming_distance_stay_tied_under_any_scale() -> None:
+    """Every key differs from every query in exactly 8 of 32 signs, in different positions: the kernel sees one
+    tie, and so must the float path under a scale that is not a power of two (1/sqrt(32), pvt_v2's stage 0):
+    its scores are the exact integer products times the scale, whatever order the product sums in."""
+    generator = torch.Generator().manual_seed(0)
+    core = _core("didb", "plain", heads=1, head_dim=32, tokens=50)
+    with torch.no_grad():
+        for binarizer in (core.q_binarizers[0], core.k_binarizers[0], core.v_binarizer):
+            binarizer.shift.zero_()
+    q = torch.ones(1, 1, 50, 32)
+    flips = torch.rand(50, 32, generator=generator).argsort(-1)[:, :8]
+    k = torch.ones(1, 1, 50, 32).scatter_(-1, flips.view(1, 1, 50, 8), -1.0)
+    v = torch.randn(1, 1, 50, 32, generator=generator)
+    scale = 32 ** -0.5
+    core.train()
+    core(q, k, v, scale=scale)
+    core.eval()
+    packed = copy.deepcopy(core)
+    PackedBinaryAttention.adopt(packed)
+    with torch.no_grad():
+        scores = core.scores(q, k, scale)
+        assert (scores == scores[..., :1]).all()  # one value: (32 - 16) * scale
+        assert torch.equal(packed(q, k, v, scale=scale), core(q, k, v, scale=scale))
+
+
 def test_every_path_of_the_fused_attention_agrees() -> None:
     q, k, v = torch.randn(3, 2, 3, 50, 40).unbind(0)
     scale = torch.tensor([0.01, 0.02, 0.015])

@@ -97,9 +97,9 @@ def test_deit_small_is_exact_and_holds_an_eighth_of_the_fp32_bytes(recipe: str, 
     ("pvt_v2_b0", {"num_classes": 10}),
 ])
 def test_windowed_and_hierarchical_models_are_exact(name: str, args: dict, fashion: object, tmp_path: Path) -> None:
-    # without the convolution rule: pvt_v2's spatial reduction stays full precision. With it binary the packed
-    # attention of stage 0 (3136 queries, 49 keys) differed from the float path in some runs (issue 15's note)
-    path = packed_file(name, args, "didb[drop_rule=block convolutions]", fashion, tmp_path)
+    # pvt_v2's spatial reduction is a binary convolution; its stage 0 attention (3136 queries, 49 keys, head dim
+    # 32) ties many keys in Hamming distance under a score scale that is not a power of two
+    path = packed_file(name, args, "didb", fashion, tmp_path, steps=1)
     assert_same_logits(path, real_images(didbq.build_model(name, **args), fashion)[:8])
 
 
