@@ -71,31 +71,32 @@ class _ElasticUnsigned(torch.autograd.Function):
 
     With `ensure_one_key`, each row's maximum is forced to a when rounding dropped it; a forced entry is a
     constant (no gradient to A, gradient 1 to a). Composed from torch ops this chain keeps a dozen [N, N]
-    temporaries and runs torch.where in backward; here it keeps the ratio A / a and the two masks.
+    temporaries and runs torch.where in backward. Here backward keeps A itself (softmax keeps the same tensor for
+    its own backward, so it costs nothing more) and two boolean masks: 2 bytes per entry instead of the 9 of
+    float copies of A / a and the rounded values and a mask, about 300 MB less per ViT-B layer at 1,374 tokens
+    (dinov2 at 518 px) and a batch of 2.
     """
 
     @staticmethod
     def forward(ctx, probs: torch.Tensor, scale: torch.Tensor, ensure_one_key: bool) -> torch.Tensor:  # noqa: ANN001
         ratio = probs / scale
-        ones = ratio.clamp(0.0, 1.0).round_()
-        forced = None
+        on = ratio > 0.5  # round(clip(A / a, 0, 1)) = 1; round half to even: exactly 0.5 rounds to 0
+        passes = ratio <= 1.0  # clip's gradient (A >= 0 always)
+        del ratio
         if ensure_one_key:
-            forced = (probs == probs.amax(-1, keepdim=True)).logical_and_(ones == 0)
-            ones.add_(forced)
-        ctx.save_for_backward(ratio, ones, forced)
-        ctx.scale_shape = scale.shape
-        return ones * scale
+            forced = (probs == probs.amax(-1, keepdim=True)).logical_and_(~on)
+            on.logical_or_(forced)
+            passes.logical_xor_(forced)  # forced entries lie inside the clip: xor removes them
+        ctx.save_for_backward(probs, scale, on, passes)
+        return on.to(probs.dtype) * scale
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # noqa: ANN001
-        ratio, ones, forced = ctx.saved_tensors
-        passes = ratio <= 1.0  # clip's gradient (A >= 0 always); forced entries lie inside, so xor removes them
-        if forced is not None:
-            passes.logical_xor_(forced)
+        probs, scale, on, passes = ctx.saved_tensors
         grad_probs = grad * passes.to(grad.dtype)
         # d(a * round(A / a))/da with straight-through rounding: round(.) - A / a inside the clip, 1 or 0 outside
-        grad_scale = ((grad * ones).sum_to_size(ctx.scale_shape)
-                      - (grad_probs * ratio).sum_to_size(ctx.scale_shape))
+        grad_scale = ((grad * on.to(grad.dtype)).sum_to_size(scale.shape)
+                      - (grad_probs * probs).sum_to_size(scale.shape) / scale)
         return grad_probs, grad_scale, None
 
 
