@@ -537,7 +537,11 @@ def _mark(value: bool, skipped: bool) -> str:
 
 
 def _fraction(totals: dict[str, Any]) -> str:
-    return "-" if totals["fraction"] is None else f"{totals['fraction']:.0%}"
+    """The pass rate, with one decimal where a whole percent would round a miss up to 100%."""
+    fraction = totals["fraction"]
+    if fraction is None:
+        return "-"
+    return f"{fraction:.0%}" if fraction in (0, 1) or f"{fraction:.0%}" != "100%" else f"{fraction:.1%}"
 
 
 def attention_summary(result: CompatResult) -> str:

@@ -99,6 +99,13 @@ def test_choosing_models() -> None:
         == ["levit", "deit", "vision_transformer", "swin_transformer_v2_cr"]
 
 
+def test_a_near_miss_does_not_round_to_100_percent() -> None:
+    passing = CompatResult("vit_a", "vision_transformer", 1, True, True, True)
+    failing = CompatResult("vit_b", "vision_transformer", 1, True, False, False, stage="train", reason="x")
+    report = CompatReport([passing] * 250 + [failing], "didb", "1", "2", "cpu", "today", 1.0)
+    assert "ViT families: 250 of 251 (99.6%)." in compat_markdown(report)
+
+
 def test_markdown() -> None:
     results = [CompatResult("vit_a", "vision_transformer", 22_000_000, True, True, True, seconds=3.0,
                             convert_seconds=0.6, binary_layers=48,
