@@ -501,7 +501,7 @@ def compat(patterns: tuple[str, ...], all_architectures: bool, recipe: str, max_
 
 
 def _print_compat(report) -> None:  # noqa: ANN001 (didbq.compat.CompatReport, imported lazily)
-    from didbq.compat import VIT_FAMILIES
+    from didbq.compat import VIT_FAMILIES, pass_rate
 
     def mark(value: bool, skipped: bool) -> str:
         return "-" if skipped else "[green]yes[/]" if value else "[red]no[/]"
@@ -526,9 +526,8 @@ def _print_compat(report) -> None:  # noqa: ANN001 (didbq.compat.CompatReport, i
         families.add_column(column, justify="left" if column == "family" else "right")
 
     def add(label: str, t: dict[str, Any]) -> None:
-        share = "-" if t["fraction"] is None else f"{t['fraction']:.0%}"
         families.add_row(label, *(str(t[k]) for k in ("models", "checked", "converts", "trains", "binary")),
-                         f"{t['ok']} ({share})", str(t["skipped"]))
+                         f"{t['ok']} ({pass_rate(t)})", str(t["skipped"]))
 
     for family, totals in report.families().items():
         add(f"[bold]{family}[/]" if family in VIT_FAMILIES else family, totals)

@@ -210,13 +210,6 @@ def select_models(patterns: Sequence[str], all_architectures: bool = False,
 # ------------------------------------------------------------------------------------------ one model
 
 
-def _is_binary_layer(module: Any) -> bool:
-    """BinaryLinear / BinaryConv2d: a latent weight and the switches set_binarization turns."""
-    import torch
-
-    return hasattr(module, "binarize_weights") and isinstance(getattr(module, "weight", None), torch.nn.Parameter)
-
-
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     line = text if isinstance(error, DidbqError) else f"{type(error).__name__}: {text}" if text else \
@@ -248,7 +241,7 @@ def _train_step(model: Any, recipe: Any, example: Any) -> None:
     (data-aware scales), forward, loss, backward, an SGD step. Raises naming the first problem."""
     import torch
 
-    from didbq.nn import set_binarization
+    from didbq.nn import BinaryLayer, set_binarization
 
     if recipe.stages:
         last = recipe.stages[-1]
@@ -262,7 +255,7 @@ def _train_step(model: Any, recipe: Any, example: Any) -> None:
         raise DidbqError(f"the training loss is {loss.item()} on a random batch")
     loss.backward()
     for name, module in model.named_modules():
-        if _is_binary_layer(module):
+        if isinstance(module, BinaryLayer):
             grad = module.weight.grad
             if grad is None:
                 raise DidbqError(f"{name}: no gradient reaches its latent weight")
@@ -279,11 +272,12 @@ def _check_binary(model: Any, conversion: Any, example: Any) -> int:
     """After the step: every layer a rule made binary has 1-bit weights and inputs, and every binary layer and
     attention core runs (check_conversion). Returns the number of binary layers."""
     from didbq.convert import check_conversion
+    from didbq.nn import BinaryLayer
 
     layers = 0
     for swap in conversion.swaps:
         module = model.get_submodule(swap.name)
-        if not _is_binary_layer(module):
+        if not isinstance(module, BinaryLayer):
             continue
         if not module.binarize_weights:
             raise DidbqError(f"{swap.name}: full-precision weights after the training step")
@@ -536,7 +530,7 @@ def _mark(value: bool, skipped: bool) -> str:
     return "-" if skipped else "yes" if value else "**no**"
 
 
-def _fraction(totals: dict[str, Any]) -> str:
+def pass_rate(totals: dict[str, Any]) -> str:
     """The pass rate, with one decimal where a whole percent would round a miss up to 100%."""
     fraction = totals["fraction"]
     if fraction is None:
@@ -570,8 +564,8 @@ def compat_markdown(report: CompatReport) -> str:
         "A model **converts** (`convert`, strict), **trains** (one step on a random batch of 2: finite loss, finite "
         "gradients on every binary layer's latent weight) and **stays binary** (after the step every layer a rule "
         "made binary has 1-bit weights and inputs, and every binary layer and attention core runs).", "",
-        f"Overall: {total['ok']} of {total['checked']} checked models pass ({_fraction(total)}), "
-        f"{total['skipped']} skipped. ViT families: {vit['ok']} of {vit['checked']} ({_fraction(vit)}).", "",
+        f"Overall: {total['ok']} of {total['checked']} checked models pass ({pass_rate(total)}), "
+        f"{total['skipped']} skipped. ViT families: {vit['ok']} of {vit['checked']} ({pass_rate(vit)}).", "",
         "## Per family", "",
         "| family | models | checked | converts | trains | binary | pass | skipped |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -579,9 +573,9 @@ def compat_markdown(report: CompatReport) -> str:
     for family, t in report.families().items():
         name = f"**{family}**" if family in VIT_FAMILIES else family
         lines.append(f"| {name} | {t['models']} | {t['checked']} | {t['converts']} | {t['trains']} | {t['binary']} | "
-                     f"{t['ok']} ({_fraction(t)}) | {t['skipped']} |")
+                     f"{t['ok']} ({pass_rate(t)}) | {t['skipped']} |")
     lines.append(f"| total | {total['models']} | {total['checked']} | {total['converts']} | {total['trains']} | "
-                 f"{total['binary']} | {total['ok']} ({_fraction(total)}) | {total['skipped']} |")
+                 f"{total['binary']} | {total['ok']} ({pass_rate(total)}) | {total['skipped']} |")
     lines += ["", "## Per model", "",
               "| model | family | params (M) | converts | trains | binary | seconds | convert s | attention | "
               "full-precision attention | reason |",
@@ -605,4 +599,5 @@ def write_markdown(report: CompatReport, path: str | Path) -> Path:
 
 
 __all__ = ["VIT_FAMILIES", "CompatReport", "CompatResult", "architectures_with_attention", "check_model",
-           "compat_markdown", "family_of", "meta_scan", "run_compat", "select_models", "write_markdown"]
+           "compat_markdown", "family_of", "meta_scan", "pass_rate", "run_compat", "select_models",
+           "write_markdown"]
