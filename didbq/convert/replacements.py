@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
 from didbq.nn.binarizers import ACTIVATION_BINARIZERS
@@ -49,12 +49,14 @@ class BinaryLinearOptions(Options):
         "zero", description="where the binarizer's learnable threshold starts (rsign, bit_signed): 0, or minus "
                             "the per-channel mean of the first training batch (inputs after a ReLU)")
 
-    @model_validator(mode="after")
-    def _threshold_learnable(self) -> "BinaryLinearOptions":
-        if self.threshold_init == "mean" and not ACTIVATION_BINARIZERS[self.input_binarizer].learnable_threshold:
-            raise ValueError(f"threshold_init: mean needs a binarizer with a learnable threshold (rsign, "
-                             f"bit_signed), not {self.input_binarizer!r}")
-        return self
+    @field_validator("threshold_init")
+    @classmethod
+    def _threshold_learnable(cls, value: str, info: ValidationInfo) -> str:
+        binarizer = info.data.get("input_binarizer")  # validated first (declared first); absent if it failed
+        if value == "mean" and binarizer and not ACTIVATION_BINARIZERS[binarizer].learnable_threshold:
+            raise ValueError(f"mean needs a binarizer with a learnable threshold (rsign, bit_signed), not "
+                             f"{binarizer!r}")
+        return value
 
     shortcut: bool = Field(False, description="y = act(norm(BinLinear(x)) + x), x repeated or group-averaged")
     norm: Literal["layernorm", "batchnorm", "none"] = Field(
