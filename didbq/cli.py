@@ -501,7 +501,7 @@ def compat(patterns: tuple[str, ...], all_architectures: bool, recipe: str, max_
 
 
 def _print_compat(report) -> None:  # noqa: ANN001 (didbq.compat.CompatReport, imported lazily)
-    from didbq.compat import VIT_FAMILIES, pass_rate
+    from didbq.compat import VIT_FAMILIES, note_of, pass_rate
 
     def mark(value: bool, skipped: bool) -> str:
         return "-" if skipped else "[green]yes[/]" if value else "[red]no[/]"
@@ -509,7 +509,7 @@ def _print_compat(report) -> None:  # noqa: ANN001 (didbq.compat.CompatReport, i
     models = Table(title=f"timm {report.timm_version}, torch {report.torch_version}, recipe {report.recipe}, "
                          f"{report.device}: {report.seconds:.0f} s", title_justify="left")
     for column in ("model", "family", "params (M)", "converts", "trains", "binary", "s", "convert s",
-                   "attention (modules, route)", "reason"):
+                   "attention (modules, route)", "reason or note"):
         models.add_column(column, justify="right" if column in ("params (M)", "s", "convert s") else "left",
                           no_wrap=column == "model", overflow="fold")
     for r in report.results:
@@ -519,7 +519,7 @@ def _print_compat(report) -> None:  # noqa: ANN001 (didbq.compat.CompatReport, i
         models.add_row(r.model, r.family, "?" if r.parameters is None else f"{r.parameters / 1e6:.1f}",
                        mark(r.converts, r.skipped), mark(r.trains, r.skipped), mark(r.binary, r.skipped),
                        f"{r.seconds:.1f}", "-" if r.convert_seconds is None else f"{r.convert_seconds:.2f}",
-                       ", ".join(attention), r.reason or "")
+                       ", ".join(attention), note_of(r))
     console.print(models, markup=True, highlight=False)
     families = Table(title="Per family", title_justify="left")
     for column in ("family", "models", "checked", "converts", "trains", "binary", "pass", "skipped"):

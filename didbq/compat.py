@@ -53,6 +53,7 @@ class CompatResult:
     attention: list[dict[str, Any]] = field(default_factory=list)  # {family, route, modules} per route used
     kept_attention: list[dict[str, Any]] = field(default_factory=list)  # {name, type, reason}: full precision
     warnings: list[str] = field(default_factory=list)
+    grad_checkpointing: bool = False  # the train step recomputed blocks in backward (run.grad_checkpointing)
 
     @property
     def ok(self) -> bool:
@@ -324,6 +325,7 @@ def check_model(name: str, recipe: Any = "didb", *, strict: bool = True, batch: 
     import didbq  # noqa: F401  (torchvision guard before timm)
     from didbq.convert import convert, load_recipe
     from didbq.convert.walker import example_input_for
+    from didbq.train.recompute import enable_grad_checkpointing, wants_grad_checkpointing
 
     recipe = load_recipe(recipe)
     result = CompatResult(model=name, family=family_of(name))
@@ -348,6 +350,8 @@ def check_model(name: str, recipe: Any = "didb", *, strict: bool = True, batch: 
             result.kept_attention = _kept_attention(model, conversion)
             stage = "train"
             example = example_input_for(model, batch)
+            if wants_grad_checkpointing(recipe.run.grad_checkpointing, tuple(example.shape[1:])):
+                result.grad_checkpointing = enable_grad_checkpointing(model)
             _train_step(model, recipe, example)
             result.trains = True
             stage = "binary"
@@ -552,6 +556,13 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def note_of(result: CompatResult) -> str:
+    """The reason a model failed, or what its check needed to pass."""
+    if result.reason:
+        return result.reason
+    return "trained with gradient checkpointing (run.grad_checkpointing)" if result.grad_checkpointing else ""
+
+
 def compat_markdown(report: CompatReport) -> str:
     """The matrix as markdown (docs/compat.md): versions, recipe, date, run time, totals per family, per model."""
     total, vit = report.total(), report.vit_total()
@@ -578,14 +589,14 @@ def compat_markdown(report: CompatReport) -> str:
                  f"{total['binary']} | {total['ok']} ({pass_rate(total)}) | {total['skipped']} |")
     lines += ["", "## Per model", "",
               "| model | family | params (M) | converts | trains | binary | seconds | convert s | attention | "
-              "full-precision attention | reason |",
+              "full-precision attention | reason or note |",
               "|---|---|---:|---|---|---|---:|---:|---|---|---|"]
     for r in report.results:
         params = "?" if r.parameters is None else f"{r.parameters / 1e6:.1f}"
         convert_s = "-" if r.convert_seconds is None else f"{r.convert_seconds:.2f}"
         lines.append(f"| {r.model} | {r.family} | {params} | {_mark(r.converts, r.skipped)} | "
                      f"{_mark(r.trains, r.skipped)} | {_mark(r.binary, r.skipped)} | {r.seconds:.1f} | {convert_s} | "
-                     f"{_cell(attention_summary(r))} | {_cell(kept_summary(r))} | {_cell(r.reason or '')} |")
+                     f"{_cell(attention_summary(r))} | {_cell(kept_summary(r))} | {_cell(note_of(r))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,7 @@ from didbq.compat import (
     check_model,
     compat_markdown,
     family_of,
+    note_of,
     run_compat,
     select_models,
 )
@@ -44,6 +45,14 @@ def test_small_vits_convert_train_and_stay_binary() -> None:
     assert report.results[0].attention[0]["modules"] == 6  # test_vit: one attention core per block
     assert report.families()["vision_transformer"]["ok"] == 2
     assert report.total()["fraction"] == 1.0 and report.vit_total()["checked"] == 2
+
+
+def test_gradient_checkpointing_follows_the_recipe_and_is_noted() -> None:
+    default = check_model("test_vit")  # 160 px: under auto's 512x512
+    forced = check_model("test_vit", "didb[run.grad_checkpointing=true]")
+    assert default.ok and forced.ok
+    assert not default.grad_checkpointing and forced.grad_checkpointing
+    assert note_of(default) == "" and "gradient checkpointing" in note_of(forced)
 
 
 def test_a_model_that_does_not_convert_names_the_class(tmp_path: Path) -> None:

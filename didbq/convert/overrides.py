@@ -9,8 +9,9 @@ plain instead of token-wise RPReLU); `drop_rule=<rule name>` removes a rule (its
 `stages=one` trains fully binary only, `stages=two` binary weights first (built from the recipe's last stage,
 the same total length); `loss.<key>=<value>`, `optimizer.<key>=<value>` and `schedule.<key>=<value>` set that
 key in every stage (`loss.weight_regularization=0`, `optimizer.binarizer_lr=1e-4`); `steps=N` or `epochs=N` the
-length of every stage; `data.<key>` a key of the data section (`data.train_limit=2000`) and `model.<arg>` a
-timm.create_model argument (`model.img_size=64`): a quick run of a recipe as it is.
+length of every stage; `data.<key>` a key of the data section (`data.train_limit=2000`), `run.<key>` one of the
+run section (`run.grad_checkpointing=true`) and `model.<arg>` a timm.create_model argument (`model.img_size=64`):
+a quick run of a recipe as it is.
 Values are YAML scalars. The result is the recipe as data, for the caller to adjust and validate.
 """
 from __future__ import annotations
@@ -105,8 +106,9 @@ def apply_override(data: dict[str, Any], key: str, raw: str, spec: str) -> None:
         for stage in data["stages"]:
             stage.update(steps=None, epochs=None)
             stage[key] = value
-    elif key.startswith("data."):
-        data.setdefault("data", {})[key.removeprefix("data.")] = value
+    elif key.partition(".")[0] in ("data", "run"):
+        section, _, field = key.partition(".")
+        data.setdefault(section, {})[field] = value
     elif key.startswith("model."):
         data.setdefault("model", {}).setdefault("args", {})[key.removeprefix("model.")] = value
     elif key.partition(".")[0] in STAGE_SECTIONS:

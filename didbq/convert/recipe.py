@@ -225,6 +225,10 @@ class RunSection(Strict):
     deterministic: bool = Field(True, description="deterministic algorithms (bit-identical resume on CPU)")
     retain_freed_memory: bool = Field(
         True, description="keep freed memory in the process (glibc malloc): no page faults on every step")
+    grad_checkpointing: Literal["auto"] | bool = Field(
+        "auto", description="keep only each block's input for backward and recompute the block there (timm's "
+                            "gradient checkpointing: much less memory, about a third more compute); auto: for "
+                            "inputs over 512x512 pixels")
 
 
 class Recipe(Strict):

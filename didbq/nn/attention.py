@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from didbq.nn.binarizers import ACTIVATION_BINARIZERS, ActivationBinarizer
 from didbq.nn.haar import TokenLayout, local_difference, low_band_of_tokens, split_tokens_into_bands
@@ -21,6 +22,9 @@ from didbq.nn.rprelu import RPReLU
 from didbq.registry import Registry
 
 BinarizerName = Literal["sign", "rsign", "bit_signed", "identity"]
+
+
+RECOMPUTE_AUTO_ENTRIES = 1024 * 1024
 
 
 class AttentionOptions(BaseModel):
@@ -53,6 +57,11 @@ class AttentionOptions(BaseModel):
                                                       "q, k and v added to the (output_norm-ed) context")
     context_act: Literal["none", "rprelu"] = Field("none", description="RPReLU over each head's channels after "
                                                                        "the context shortcut")
+    recompute: Literal["auto"] | bool = Field(
+        "auto", description="keep only q, k and v for backward and recompute the [N, N] scores, probabilities "
+                            "and A_b in it (memory per layer O(N D) instead of O(N^2), about a third more attention "
+                            f"compute); auto: where a call has more than {RECOMPUTE_AUTO_ENTRIES:,} query-key pairs "
+                            "per head (over 1,024 tokens)")
 
     @model_validator(mode="before")
     @classmethod
@@ -244,13 +253,13 @@ class BinaryAttention(nn.Module):
         """The routed forward hands over the attention module's input, which HFSC's added projection reads."""
         self._attn_input = x
 
-    def _bands(self, q: torch.Tensor, k: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    def _bands(self, q: torch.Tensor, k: torch.Tensor, x: torch.Tensor | None
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
         """The Haar bands of q and k (low first); with the separate projection the detail bands of q and k come
-        from the projected detail bands of the attention input, so only their low band is computed."""
+        from the projected detail bands of the attention input x, so only their low band is computed."""
         opts = self.options
         if self.hfsc == "off" or q.shape[-2] != k.shape[-2]:
             return None
-        x = self._attn_input
         if self.high_projection is not None and x is not None and x.shape[:-1] == (q.shape[0], q.shape[-2]):
             x_bands = split_tokens_into_bands(x, self.layout, opts.hfsc_bands, opts.prefix_tokens)
             q_low = low_band_of_tokens(q, self.layout, opts.prefix_tokens)
@@ -278,8 +287,12 @@ class BinaryAttention(nn.Module):
         power of two (head dim 32: pvt_v2). With HFSC the scale and band weights multiply the binary queries
         ([N, D]) and the bands are concatenated along the head dimension so that one batched product sums them.
         """
+        return self._scores(q, k, scale, self._attn_input)
+
+    def _scores(self, q: torch.Tensor, k: torch.Tensor, scale: float, attn_input: torch.Tensor | None
+                ) -> torch.Tensor:
         self.record_call(q, k)
-        bands = self._bands(q, k)
+        bands = self._bands(q, k, attn_input)
         if bands is None:
             return self.score_tap((self.q_binarizers[0](q) @ self.k_binarizers[0](k).transpose(-2, -1)).mul_(scale))
         q_bands, k_bands = bands
@@ -339,7 +352,21 @@ class BinaryAttention(nn.Module):
             repeat = q.shape[-3] // k.shape[-3]
             k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        scores = _apply_mask(self.scores(q, k, scale), attn_mask, is_causal)
+        if self._recomputes(q, k):
+            return checkpoint(self._attention, q, k, v, self._attn_input, attn_mask, dropout_p, is_causal, scale,
+                              use_reentrant=False)
+        return self._attention(q, k, v, self._attn_input, attn_mask, dropout_p, is_causal, scale)
+
+    def _recomputes(self, q: torch.Tensor, k: torch.Tensor) -> bool:
+        """Whether backward recomputes this call's [N, N] tensors instead of keeping them (`options.recompute`)."""
+        wanted = self.options.recompute
+        if wanted == "auto":
+            wanted = q.shape[-2] * k.shape[-2] > RECOMPUTE_AUTO_ENTRIES
+        return wanted and torch.is_grad_enabled()
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_input: torch.Tensor | None,
+                   attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool, scale: float) -> torch.Tensor:
+        scores = _apply_mask(self._scores(q, k, scale, attn_input), attn_mask, is_causal)
         return self.context(self.aggregate(self.probabilities(scores, dropout_p), v), q, k, v)
 
     def products(self) -> list[tuple[str, int, bool]]:

@@ -55,6 +55,7 @@ from didbq.train.distributed import Distributed
 from didbq.train.evaluate import evaluate
 from didbq.train.losses import Taps, latent_binary_weights, total_loss
 from didbq.train.optim import build_optimizer, build_schedule
+from didbq.train.recompute import enable_grad_checkpointing, wants_grad_checkpointing
 
 TEACHER = "teacher"
 Log = Callable[[str], None]
@@ -152,6 +153,17 @@ class Run:
                  f"); they start fresh and teacher.train fine-tunes them")
         return True
 
+    def _recompute_blocks(self, model: nn.Module, input_size: tuple[int, int, int]) -> None:
+        setting = self.recipe.run.grad_checkpointing
+        if not wants_grad_checkpointing(setting, input_size):
+            return
+        if enable_grad_checkpointing(model):
+            self.log(f"gradient checkpointing: on (run.grad_checkpointing: {setting}, input {input_size[1]}x"
+                     f"{input_size[2]})")
+        elif setting is True:
+            self.log(f"warning: {self.config.model_name} does not support timm's gradient checkpointing; "
+                     f"run.grad_checkpointing is ignored")
+
     def _phases(self, train_teacher: bool) -> list[Phase]:
         phases = []
         if train_teacher:
@@ -177,6 +189,7 @@ class Run:
             self._write_run_files(data)
         phases = self._phases(train_teacher)
         train_set, test_set = datasets_for(data, teacher, self.recipe)
+        self._recompute_blocks(teacher, train_set.spec.input_size)  # the students are copies of the teacher
         teacher.to(self.device)
         teacher_file = self.out / "teacher.safetensors"
         if phases[0].trains_teacher and state.phase > 0:

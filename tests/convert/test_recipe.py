@@ -88,6 +88,16 @@ def test_a_recipe_variant_loads_by_name_with_its_overrides() -> None:
     assert load_recipe("didb").binarize.rules[2].into == "token_rprelu"  # the built-in file itself is unchanged
 
 
+def test_run_and_data_keys_and_the_memory_options_override() -> None:
+    default = load_recipe("didb")
+    assert default.run.grad_checkpointing == "auto" and default.attention.resolve().recompute == "auto"
+    recipe = load_recipe("didb[run.grad_checkpointing=true,data.train_limit=64,recompute=false]")
+    assert recipe.run.grad_checkpointing is True and recipe.data.train_limit == 64
+    assert recipe.attention.resolve().recompute is False
+    with pytest.raises(RecipeError, match="grad_checkpointing"):
+        load_recipe("didb[run.grad_checkpointing=sometimes]")
+
+
 def test_stages_override_reshapes_the_schedule_and_keeps_its_length() -> None:
     two = load_recipe("didb[stages=two]").stages
     one = load_recipe("didb[stages=one]").stages

@@ -567,3 +567,85 @@ def test_the_score_tap_sees_scores_before_softmax() -> None:
     q, k, v = qkv()
     core(q, k, v)
     assert torch.equal(seen["scores"], (hard_sign(q) * HEAD_DIM ** -0.5) @ hard_sign(k).transpose(-2, -1))
+
+
+# ---------------------------------------------------------------- recompute in backward
+
+
+def _saved_bytes(core: BinaryAttention, *inputs: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Run the core and count the bytes autograd keeps for backward."""
+    saved: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = core(*inputs)
+    return out, sum(saved)
+
+
+def _run_with_gradients(recompute: bool | str, tokens: int, seed: int = 0) -> tuple[torch.Tensor, dict, int]:
+    torch.manual_seed(seed)
+    grid = int((tokens - 1) ** 0.5)
+    channels = 6
+    core = make_core("didb", hfsc="separate", in_features=channels, queries=tokens,
+                     qk_weight=torch.randn(2 * HEADS * HEAD_DIM, channels), recompute=recompute).train()
+    assert core.layout.grid_for(tokens) == (grid, grid)
+    x = torch.randn(2, tokens, channels, requires_grad=True)
+    core.set_attention_input(x)
+    q, k, v = qkv(queries=tokens, grad=True)
+    out, saved = _saved_bytes(core, q, k, v)
+    core.set_attention_input(None)  # as the routed forward does: backward must not need it
+    (out * torch.randn_like(out)).sum().backward()
+    grads = {name: p.grad for name, p in core.named_parameters()} | {
+        "q": q.grad, "k": k.grad, "v": v.grad, "x": x.grad}
+    return out.detach(), grads, saved
+
+
+@pytest.mark.parametrize("tokens", [10, 65])
+def test_recompute_gives_the_same_outputs_and_gradients(tokens: int) -> None:
+    out, grads, saved = _run_with_gradients(False, tokens)
+    out_r, grads_r, saved_r = _run_with_gradients(True, tokens)
+    assert torch.equal(out, out_r)
+    assert grads.keys() == grads_r.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_r[name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert saved_r < saved
+
+
+def test_recompute_keeps_no_query_key_matrix() -> None:
+    """With recompute the saved tensors grow with N (q, k, v, the input), without it with N^2."""
+    per_token = {}
+    for recompute in (False, True):
+        sizes = [_run_with_gradients(recompute, tokens)[2] for tokens in (65, 257)]
+        per_token[recompute] = sizes[1] / sizes[0]
+    assert per_token[True] < 5  # 257 / 65 ~ 4: linear in N
+    assert per_token[False] > 10  # ~ 16: quadratic in N
+
+
+def test_recompute_auto_follows_the_query_key_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    core = make_core("didb", queries=65)
+    q, k, _ = qkv(queries=65)
+    assert core.options.recompute == "auto"
+    assert not core._recomputes(q, k)
+    monkeypatch.setattr("didbq.nn.attention.RECOMPUTE_AUTO_ENTRIES", 65 * 65 - 1)
+    assert core._recomputes(q, k)
+    with torch.no_grad():
+        assert not core._recomputes(q, k)
+    assert not make_core("didb", queries=65, recompute=False)._recomputes(q, k)
+
+
+def test_recompute_keeps_dropout_and_the_first_batch_initialisation() -> None:
+    """Backward reruns the core with the forward's random state and after the scale was set from the first
+    batch: gradients equal those of the core without recompute."""
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(3)
+        core = make_core("bit", recompute=recompute).train()
+        q, k, v = qkv(grad=True)
+        out = core(q, k, v, dropout_p=0.3)
+        out.sum().backward()
+        results.append((out.detach(), q.grad, core.prob_binarizer.scale.grad))
+    for plain, recomputed in zip(*results):
+        torch.testing.assert_close(recomputed, plain)

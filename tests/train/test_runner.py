@@ -158,6 +158,21 @@ def test_two_process_ddp_matches_the_single_process_run(recipe_file: Path, refer
     assert json.loads((out / "results.json").read_text())["s2"]["top1"] == pytest.approx(first, abs=5)
 
 
+def test_gradient_checkpointing_trains_the_same_student(reference: Path, tmp_path: Path) -> None:
+    """run.grad_checkpointing: true, from the reference run's teacher: stage s1 logs the reference's losses."""
+    recipe = tmp_path / "checkpointed.yaml"
+    recipe.write_text(TINY.replace("{teacher}", "teacher: {pretrained: false}").replace(
+        "run: {checkpoint_every: 2, log_every: 1}", "run: {checkpoint_every: 2, log_every: 1, grad_checkpointing: true}"))
+    out = tmp_path / "checkpointed"
+    done = subprocess.run(_command(recipe, out, "--teacher-checkpoint", str(reference / "teacher.safetensors")),
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "gradient checkpointing: on (run.grad_checkpointing: True, input 28x28)" in done.stdout + done.stderr
+    losses = {(m["phase"], m["step"]): m["loss"] for m in _metrics(out) if "loss" in m}
+    expected = {(m["phase"], m["step"]): m["loss"] for m in _metrics(reference) if m.get("phase") == "s1" and "loss" in m}
+    assert expected and {key: losses[key] for key in expected} == pytest.approx(expected, rel=1e-5)
+
+
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     with pytest.raises(SystemExit) as exit_:
         main(args)
