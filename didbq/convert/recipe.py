@@ -227,7 +227,7 @@ class RunSection(Strict):
         True, description="keep freed memory in the process (glibc malloc): no page faults on every step")
     grad_checkpointing: Literal["auto"] | bool = Field(
         "auto", description="keep only each block's input for backward and recompute the block there (timm's "
-                            "gradient checkpointing: much less memory, about a third more compute); auto: for "
+                            "gradient checkpointing: much less memory, each block's forward runs twice); auto: for "
                             "inputs over 512x512 pixels")
 
 

@@ -59,8 +59,8 @@ class AttentionOptions(BaseModel):
                                                                        "the context shortcut")
     recompute: Literal["auto"] | bool = Field(
         "auto", description="keep only q, k and v for backward and recompute the [N, N] scores, probabilities "
-                            "and A_b in it (memory per layer O(N D) instead of O(N^2), about a third more attention "
-                            f"compute); auto: where a call has more than {RECOMPUTE_AUTO_ENTRIES:,} query-key pairs "
+                            "and A_b in it (memory per layer O(N D) instead of O(N^2), the core's forward runs twice); "
+                            f"auto: where a call has more than {RECOMPUTE_AUTO_ENTRIES:,} query-key pairs "
                             "per head (over 1,024 tokens)")
 
     @model_validator(mode="before")
