@@ -228,7 +228,7 @@ class RunSection(Strict):
     grad_checkpointing: Literal["auto"] | bool = Field(
         "auto", description="keep only each block's input for backward and recompute the block there (timm's "
                             "gradient checkpointing: much less memory, each block's forward runs twice); auto: for "
-                            "inputs over 512x512 pixels")
+                            "inputs of 512x512 pixels or more")
 
 
 class Recipe(Strict):

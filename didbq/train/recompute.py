@@ -14,12 +14,12 @@ from typing import Literal
 from torch import nn
 
 AUTO_PIXELS = 512 * 512
-"""`auto` turns checkpointing on above this many input pixels (1,024 tokens at patch 16)."""
+"""`auto` turns checkpointing on from this many input pixels up (1,024 tokens at patch 16)."""
 
 
 def wants_grad_checkpointing(setting: bool | Literal["auto"], input_size: tuple[int, int, int]) -> bool:
     """The recipe's `run.grad_checkpointing` for an input of (C, H, W)."""
-    return input_size[1] * input_size[2] > AUTO_PIXELS if setting == "auto" else setting
+    return input_size[1] * input_size[2] >= AUTO_PIXELS if setting == "auto" else setting
 
 
 def enable_grad_checkpointing(model: nn.Module) -> bool:

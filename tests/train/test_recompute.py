@@ -13,7 +13,7 @@ from didbq.train.recompute import AUTO_PIXELS, enable_grad_checkpointing, wants_
 
 
 @pytest.mark.parametrize("setting, size, expected", [
-    ("auto", (3, 224, 224), False), ("auto", (3, 512, 512), False), ("auto", (3, 1024, 768), True),
+    ("auto", (3, 224, 224), False), ("auto", (3, 512, 384), False), ("auto", (3, 512, 512), True), ("auto", (3, 1024, 768), True),
     (True, (3, 28, 28), True), (False, (3, 1024, 1024), False)])
 def test_when_checkpointing_is_wanted(setting: bool | str, size: tuple[int, int, int], expected: bool) -> None:
     assert wants_grad_checkpointing(setting, size) is expected
