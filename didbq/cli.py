@@ -14,6 +14,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from didbq.compat import DEFAULT_TIMEOUT
 from didbq.errors import DidbqError
 
 console = Console(width=None if sys.stdout.isatty() else 150)
@@ -442,7 +443,8 @@ def _print_study(table: dict[str, Any]) -> None:
 @click.option("--recipe", "-r", default="didb", show_default=True, help="Recipe file or built-in name." + RECIPE_VARIANTS)
 @click.option("--max-params", type=float, default=None, metavar="N",
               help="Skip models with more than N parameters (120e6), counted on the meta device; listed as skipped.")
-@click.option("--timeout", type=float, default=300, show_default=True, help="Seconds per model (child process).")
+@click.option("--timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True,
+              help="Seconds per model (child process); models at 1024 px take 5 to 12 minutes on 2 cores.")
 @click.option("--threads", "-t", type=int, default=None, help="torch threads per child (default 1).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:1.")
 @click.option("--per-process", type=int, default=1, show_default=True,

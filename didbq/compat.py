@@ -28,7 +28,7 @@ from didbq.errors import DidbqError
 VIT_FAMILIES = ("vision_transformer", "deit", "swin_transformer", "swin_transformer_v2", "swin_transformer_v2_cr",
                 "beit", "eva", "cait", "xcit", "pvt_v2", "vision_transformer_relpos", "levit", "twins", "crossvit",
                 "mvitv2", "efficientformer", "efficientformer_v2")
-DEFAULT_TIMEOUT = 300.0
+DEFAULT_TIMEOUT = 1200.0  # the largest default inputs (sapiens2, 1024x768) took 690 s at 2 threads
 STAGES = ("build", "convert", "train", "binary")
 
 Progress = Callable[[str, "CompatResult | None"], None]  # (model, None) when it starts, (model, result) when done
