@@ -1,6 +1,7 @@
 """The whole compatibility matrix for docs/compat.md, breadth first, resumable.
 
     python benchmarks/compat_matrix.py                # again to continue: docs/compat.jsonl keeps every result
+    python benchmarks/compat_matrix.py --vit-families --record new.jsonl   # the 19 ViT families only
 
 Every timm architecture with attention and at most 120 M parameters (decided on the meta device), ordered so
 that a stopped run has covered every family: the smallest model of each family first, then the second smallest
@@ -15,7 +16,15 @@ from itertools import zip_longest
 from pathlib import Path
 
 import didbq  # noqa: F401  (torchvision guard before timm)
-from didbq.compat import architectures_with_attention, family_of, meta_scan, run_compat, write_markdown
+from didbq.compat import (
+    DEFAULT_TIMEOUT,
+    VIT_FAMILIES,
+    architectures_with_attention,
+    family_of,
+    meta_scan,
+    run_compat,
+    write_markdown,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,10 +45,13 @@ def main() -> int:
     parser.add_argument("--max-params", type=float, default=120e6)
     parser.add_argument("--record", type=Path, default=ROOT / "docs" / "compat.jsonl")
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "compat.md")
-    parser.add_argument("--timeout", type=float, default=180.0)
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
     parser.add_argument("--per-process", type=int, default=25)
+    parser.add_argument("--vit-families", action="store_true", help="only the ViT families (didbq.compat.VIT_FAMILIES)")
     args = parser.parse_args()
     names = breadth_first(architectures_with_attention(), args.max_params)
+    if args.vit_families:
+        names = [name for name in names if family_of(name) in VIT_FAMILIES]
     print(f"{len(names)} architectures with attention at most {args.max_params:.0f} parameters", flush=True)
 
     def log(name: str, result: object) -> None:
