@@ -400,10 +400,15 @@ def _nothing() -> Iterator[None]:
 @click.option("--only", multiple=True, metavar="NAME",
               help="Run only these students (student or run names; repeat or comma-separate). The teacher always "
                    "comes first; the table lists every finished run.")
+@click.option("--record", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Also write the table to DIR after every run (e.g. docs/studies/NAME, committed), and skip the "
+                   "runs recorded there with the same settings: a study continues on a new machine from its "
+                   "committed table (the teacher is trained again and must reach the recorded top-1).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1 or auto.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (log lines only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
-def study(study_file: Path, out: Path, only: tuple[str, ...], device: str, no_progress: bool, as_json: bool) -> None:
+def study(study_file: Path, out: Path, only: tuple[str, ...], record: Path | None, device: str, no_progress: bool,
+          as_json: bool) -> None:
     """Run a study: one full-precision teacher, then students from several recipes on the same budget (same
     teacher, data, epochs, batch), and a table of top-1, gap to the teacher, packed size, BOPs / FLOPs / OPs and
     train time per epoch. Finished runs are skipped and stopped ones resumed: run it again to continue."""
@@ -414,7 +419,7 @@ def study(study_file: Path, out: Path, only: tuple[str, ...], device: str, no_pr
 
     names = [name.strip() for value in only for name in value.split(",") if name.strip()]
     table = run_study(study_file, out, names, device=device, progress=not no_progress,
-                      log=lambda message: errors.print(message, markup=False, highlight=False))
+                      log=lambda message: errors.print(message, markup=False, highlight=False), record=record)
     if as_json:
         click.echo(json.dumps(table, indent=2))
         return

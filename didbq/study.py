@@ -6,10 +6,14 @@ stages, so that one-stage and two-stage students train equally long; the same ba
 settings) and the students: a recipe with `[key=value]` overrides (didbq.convert.overrides), one- or two-stage
 training, and seeds. Each run is a `didbq binarize` run in its own folder under the study's folder, and every
 student distills from the same teacher file; a finished run is skipped and a stopped one resumed, so a study can
-be spread over several sittings. The table (results.md, results.json) is built from the run folders alone.
+be spread over several sittings. The table (results.md, results.json) is built from the run folders and, with a
+record folder (a table committed earlier, e.g. docs/studies/NAME), from the recorded rows of runs whose folders
+are gone: a study continues on a new machine from its committed table, each row reused only for the same settings
+and the same teacher.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import time
@@ -264,26 +268,39 @@ def _budgeted(stages: list[dict[str, Any]], budget: Budget, trial: Optimizer | N
 # ----------------------------------------------------------------------------------------------------- running
 
 def run_study(path: Path, out: Path, only: Sequence[str] = (), device: str = "auto", progress: bool = True,
-              log: Log = print) -> dict[str, Any]:
+              log: Log = print, record: Path | None = None) -> dict[str, Any]:
     """Run (or continue) the study in `path` under `out`; returns the table also written to out/results.*.
 
-    The teacher run comes first (skipped when finished); then the students (all, or those named in `only`).
-    A student that fails (e.g. a diverging loss) is reported and the others still run."""
+    The teacher run comes first (skipped when finished, or when no student is left to train); then the students
+    (all, or those named in `only`). A student that fails (e.g. a diverging loss) is reported and the others
+    still run. With `record`, a run recorded there with the same settings is skipped, and the table is written
+    there too after every run."""
     plan = load_study(path)
     if plan.teacher is None and not plan.teacher_file(out).is_file():
         raise StudyError(f"{plan.path}: teacher.checkpoint {plan.teacher_file(out)} does not exist")
-    runs = ([plan.teacher] if plan.teacher is not None else []) + _selected(plan.students, only)
-    states = {run.name: _state(out / run.name, run, plan) for run in runs}  # a mismatching folder fails here
+    recorded = _recorded(plan, record)[1]
+    if recorded:
+        study_table(plan, out, record)  # a record from another teacher fails here, before anything trains
+    students = _selected(plan.students, only)
+    states = {run.name: _state(out / run.name, run, plan) for run in students}  # a mismatching folder fails here
+    states.update({name: "recorded" for name, state in states.items() if state == "start" and name in recorded})
+    runs = students
+    if plan.teacher is not None:
+        runs = [plan.teacher, *students]
+        teacher_state = _state(out / TEACHER_RUN, plan.teacher, plan)
+        states[TEACHER_RUN] = teacher_state if teacher_state == "done" or "start" in states.values() or \
+            "resume" in states.values() else "not needed"
     context = distributed.setup(device)
     if context.active:
         raise StudyError("run a study in one process (torchrun is for single `didbq binarize` runs)")
-    finished = sum(state == "done" for state in states.values())
+    finished = sum(state in ("done", "recorded") for state in states.values())
     log(f"study {plan.study.name}: {len(runs)} runs in {out} ({finished} finished earlier)")
     failed = []
     for number, run in enumerate(runs, 1):
         prefix = f"[{number}/{len(runs)}] {run.name}"
-        if states[run.name] == "done":
-            log(f"{prefix}: finished earlier, skipped")
+        if states[run.name] in ("done", "recorded", "not needed"):
+            log(f"{prefix}: " + {"done": "finished earlier, skipped", "recorded": f"recorded in {record}, skipped",
+                                 "not needed": "not needed (every selected student is finished)"}[states[run.name]])
             continue
         log(f"{prefix}: {'resuming' if states[run.name] == 'resume' else 'training'}")
         started = time.perf_counter()
@@ -296,11 +313,18 @@ def run_study(path: Path, out: Path, only: Sequence[str] = (), device: str = "au
             failed.append(run.name)
             continue
         log(f"{prefix}: finished in {(time.perf_counter() - started) / 60:.1f} min")
-    table = study_table(plan, out)
-    write_table(table, out)
+        _write_tables(plan, out, record)  # after every run: a study stopped later keeps this row
+    table = _write_tables(plan, out, record)
     if failed:
         raise StudyError(f"{len(failed)} of {len(runs)} runs failed ({', '.join(failed)}); the others are in "
                          f"{out / TABLE_MARKDOWN}; run the study again to retry them")
+    return table
+
+
+def _write_tables(plan: StudyPlan, out: Path, record: Path | None) -> dict[str, Any]:
+    table = study_table(plan, out, record)
+    for folder in (out, record) if record is not None else (out,):
+        write_table(table, folder)
     return table
 
 
@@ -330,11 +354,21 @@ def _state(folder: Path, run: StudyRun, plan: StudyPlan) -> Literal["done", "res
 def _check_same(folder: Path, run: StudyRun, plan: StudyPlan) -> None:
     saved, recipe = read_run(folder)
     found = {"model_name": saved["model_name"], "data_source": saved["data"], **_settings(recipe)}
-    wanted = {"model_name": plan.study.model.name, "data_source": plan.study.data.source, **_settings(run.recipe)}
-    difference = _difference(found, wanted)
+    difference = _difference(found, _wanted(plan, run))
     if difference is not None:
         raise StudyError(f"{folder} was run with other settings than the study's ({difference}); delete the folder "
                          f"to run it again, or choose another --out")
+
+
+def _wanted(plan: StudyPlan, run: StudyRun) -> dict[str, Any]:
+    """The settings a run of this study trains with: model, data source and effective recipe."""
+    return {"model_name": plan.study.model.name, "data_source": plan.study.data.source, **_settings(run.recipe)}
+
+
+def settings_digest(plan: StudyPlan, run: StudyRun) -> str:
+    """A short hash of the run's settings, kept in its table row: a recorded row stands for a run only while the
+    study still asks for the same settings."""
+    return hashlib.sha256(json.dumps(_wanted(plan, run), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _settings(recipe: Recipe) -> dict[str, Any]:
@@ -369,18 +403,43 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def study_table(plan: StudyPlan, out: Path) -> dict[str, Any]:
-    """The results of every finished run, from the run folders: the teacher, each student, seed summaries."""
-    finished = [run for run in plan.students if (out / run.name / "results.json").exists()]
-    teacher = _teacher_row(plan, out, finished)
-    rows = [_student_row(run, out / run.name, teacher) for run in finished]
+def study_table(plan: StudyPlan, out: Path, record: Path | None = None) -> dict[str, Any]:
+    """The results of every finished run, from the run folders (and the rows recorded in `record` for runs
+    without a folder here): the teacher, each student, seed summaries."""
+    recorded_teacher, recorded = _recorded(plan, record)
+    finished = {run.name for run in plan.students if (out / run.name / "results.json").exists()}
+    carried = {run.name for run in plan.students if run.name not in finished and run.name in recorded}
+    teacher = recorded_teacher
+    if finished or (out / TEACHER_RUN / "results.json").exists() or recorded_teacher is None:
+        teacher = _teacher_row(plan, out, [run for run in plan.students if run.name in finished])
+        if carried and abs(teacher["top1"] - recorded_teacher["top1"]) > TEACHER_TOLERANCE:
+            raise StudyError(f"the rows recorded in {record} were distilled from a teacher of top-1 "
+                             f"{recorded_teacher['top1']:.2f}%, the teacher in {out} has {teacher['top1']:.2f}%; "
+                             f"record into another folder, or delete {out / TEACHER_RUN} to train it again")
+    rows = [_student_row(plan, run, out / run.name, teacher) if run.name in finished else recorded[run.name]
+            for run in plan.students if run.name in finished | carried]
     study = plan.study
     return {"study": study.name, "description": study.description.strip(),
             "model": study.model.model_dump(), "data": study.data.source,
             "budget": study.budget.model_dump(exclude_none=True, exclude_unset=True),
             "batch_size": study.data.batch_size, "teacher": teacher, "students": rows,
             "seeds": _seed_summaries(rows),
-            "missing": [run.name for run in plan.students if not (out / run.name / "results.json").exists()]}
+            "missing": [run.name for run in plan.students if run.name not in finished | carried]}
+
+
+def _recorded(plan: StudyPlan, record: Path | None) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """The teacher row and, by run name, the student rows of the table in `record` whose settings are still the
+    study's (none without a record, or when the teacher's settings changed since)."""
+    if record is None or not (record / TABLE_JSON).is_file():
+        return None, {}
+    table = _read_json(record / TABLE_JSON)
+    teacher = table["teacher"]
+    wanted_teacher = settings_digest(plan, plan.teacher) if plan.teacher is not None else None
+    if teacher.get("settings") != wanted_teacher:
+        return None, {}
+    digests = {run.name: settings_digest(plan, run) for run in plan.students}
+    return teacher, {row["run"]: row for row in table["students"]
+                     if row.get("settings") is not None and digests.get(row["run"]) == row["settings"]}
 
 
 def _teacher_row(plan: StudyPlan, out: Path, finished: list[StudyRun]) -> dict[str, Any]:
@@ -402,10 +461,11 @@ def _teacher_row(plan: StudyPlan, out: Path, finished: list[StudyRun]) -> dict[s
             "file_bytes": file.stat().st_size if file.exists() else None, "smaller": 1.0, "smaller_fp16": None,
             "bops": 0 if flops is not None else None, "flops": flops, "ops": flops,
             "ops_reduction": 1.0, "train_s": train_s, "epochs": epochs,
-            "train_s_per_epoch": train_s / epochs if train_s and epochs else None}
+            "train_s_per_epoch": train_s / epochs if train_s and epochs else None,
+            "settings": settings_digest(plan, plan.teacher) if plan.teacher is not None else None}
 
 
-def _student_row(run: StudyRun, folder: Path, teacher: dict[str, Any]) -> dict[str, Any]:
+def _student_row(plan: StudyPlan, run: StudyRun, folder: Path, teacher: dict[str, Any]) -> dict[str, Any]:
     results, report = _read_json(folder / "results.json"), _read_json(folder / "report.json")
     measured_teacher = results[TEACHER_RUN]["top1"]
     if teacher["top1"] is not None and abs(measured_teacher - teacher["top1"]) > TEACHER_TOLERANCE:
@@ -425,7 +485,7 @@ def _student_row(run: StudyRun, folder: Path, teacher: dict[str, Any]) -> dict[s
             "smaller_fp16": teacher["file_bytes"] / file_bytes_fp16 if teacher["file_bytes"] else None,
             "bops": totals["bops"], "flops": totals["flops"], "ops": totals["ops"],
             "ops_reduction": totals["ops_reduction"], "train_s": train_s, "epochs": epochs,
-            "train_s_per_epoch": train_s / epochs}
+            "train_s_per_epoch": train_s / epochs, "settings": settings_digest(plan, run)}
 
 
 def _seed_summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

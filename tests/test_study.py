@@ -220,3 +220,50 @@ def test_teacher_data_keys_apply_to_the_teacher_only(tmp_path: Path) -> None:
     assert (plan.teacher.recipe.data.train_limit, plan.teacher.recipe.data.augment) == (None, "light")
     assert plan.teacher.recipe.data.batch_size == plain.teacher.recipe.data.batch_size
     assert [run.recipe.data for run in plan.students] == [run.recipe.data for run in plain.students]
+
+
+def test_a_recorded_table_continues_on_a_new_machine(finished: tuple[Path, dict, list[str]],
+                                                     tmp_path: Path) -> None:
+    """--record: the committed table stands in for run folders that are gone. A new machine with only the
+    teacher trains just the run missing from the record and a run whose settings changed since; the record
+    ends with every row."""
+    out, table, _ = finished
+    record = tmp_path / "record"
+    assert run_study(STUDY, out, progress=False, log=lambda _: None, record=record) == table
+    assert json.loads((record / TABLE_JSON).read_text()) == json.loads(json.dumps(table))
+    recorded = json.loads((record / TABLE_JSON).read_text())
+    recorded["students"] = [row for row in recorded["students"] if row["run"] != "xnor-seed0"]
+    next(row for row in recorded["students"] if row["run"] == "bit-seed0")["settings"] = "an-older-setting"
+    (record / TABLE_JSON).write_text(json.dumps(recorded))
+    machine = tmp_path / "new"
+    shutil.copytree(out / "teacher", machine / "teacher")
+    lines: list[str] = []
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        again = run_study(STUDY, machine, progress=False, log=lines.append, record=record)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert sorted(path.name for path in machine.iterdir() if path.is_dir()) == ["bit-seed0", "teacher", "xnor-seed0"]
+    assert sum("recorded in" in line for line in lines) == len(RUNS) - 3, lines
+    assert [row["run"] for row in again["students"]] == RUNS[1:] and not again["missing"]
+    assert json.loads((record / TABLE_JSON).read_text()) == json.loads(json.dumps(again))
+    carried = {row["run"]: row for row in again["students"]} | {"teacher": again["teacher"]}
+    for row in [table["teacher"], *table["students"]]:
+        if row["run"] not in ("xnor-seed0", "bit-seed0"):
+            assert carried[row["run"]] == row
+
+
+def test_a_record_from_another_teacher_is_refused(finished: tuple[Path, dict, list[str]], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out, table, _ = finished
+    record = tmp_path / "record"
+    record.mkdir()
+    students = [row for row in table["students"] if row["run"] == "didb-seed0"]
+    (record / TABLE_JSON).write_text(json.dumps({**table, "teacher": {**table["teacher"], "top1": 12.5},
+                                                 "students": students}))
+    machine = tmp_path / "new"
+    shutil.copytree(out / "teacher", machine / "teacher")
+    shutil.copytree(out / "xnor-seed0", machine / "xnor-seed0")
+    code, err = _run(["study", str(STUDY), "--out", str(machine), "--record", str(record)], capsys)
+    assert code == 2 and "distilled from a teacher of top-1 12.50%" in err and "Traceback" not in err, err
+    assert "training" not in err  # refused before any student trains
