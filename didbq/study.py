@@ -52,6 +52,9 @@ TABLE_MARKDOWN, TABLE_JSON = "results.md", "results.json"
 # more than this many points apart means the student was distilled from another teacher.
 TEACHER_TOLERANCE = 0.1
 Log = Callable[[str], None]
+# run states that train nothing, and what the log says of each
+SKIPPED = {"done": "finished earlier, skipped", "recorded": "recorded in {record}, skipped",
+           "not needed": "not needed (every selected student is finished)"}
 
 
 # ----------------------------------------------------------------------------------------------------- schema
@@ -287,9 +290,9 @@ def run_study(path: Path, out: Path, only: Sequence[str] = (), device: str = "au
     runs = students
     if plan.teacher is not None:
         runs = [plan.teacher, *students]
+        training = any(state in ("start", "resume") for state in states.values())
         teacher_state = _state(out / TEACHER_RUN, plan.teacher, plan)
-        states[TEACHER_RUN] = teacher_state if teacher_state == "done" or "start" in states.values() or \
-            "resume" in states.values() else "not needed"
+        states[TEACHER_RUN] = teacher_state if training or teacher_state == "done" else "not needed"
     context = distributed.setup(device)
     if context.active:
         raise StudyError("run a study in one process (torchrun is for single `didbq binarize` runs)")
@@ -298,9 +301,8 @@ def run_study(path: Path, out: Path, only: Sequence[str] = (), device: str = "au
     failed = []
     for number, run in enumerate(runs, 1):
         prefix = f"[{number}/{len(runs)}] {run.name}"
-        if states[run.name] in ("done", "recorded", "not needed"):
-            log(f"{prefix}: " + {"done": "finished earlier, skipped", "recorded": f"recorded in {record}, skipped",
-                                 "not needed": "not needed (every selected student is finished)"}[states[run.name]])
+        if states[run.name] in SKIPPED:
+            log(f"{prefix}: {SKIPPED[states[run.name]].format(record=record)}")
             continue
         log(f"{prefix}: {'resuming' if states[run.name] == 'resume' else 'training'}")
         started = time.perf_counter()
