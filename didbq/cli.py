@@ -403,7 +403,8 @@ def _nothing() -> Iterator[None]:
 @click.option("--record", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Also write the table to DIR after every run (e.g. docs/studies/NAME, committed), and skip the "
                    "runs recorded there with the same settings: a study continues on a new machine from its "
-                   "committed table (the teacher is trained again and must reach the recorded top-1).")
+                   "committed table. DIR keeps the teacher's weights too (teacher.safetensors, checked against "
+                   "the recorded sha256), so the missing students distill from them without training it again.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1 or auto.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (log lines only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")

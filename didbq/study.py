@@ -9,12 +9,14 @@ student distills from the same teacher file; a finished run is skipped and a sto
 be spread over several sittings. The table (results.md, results.json) is built from the run folders and, with a
 record folder (a table committed earlier, e.g. docs/studies/NAME), from the recorded rows of runs whose folders
 are gone: a study continues on a new machine from its committed table, each row reused only for the same settings
-and the same teacher.
+and the same teacher. The record keeps the trained teacher's weights too (its sha256 in the teacher row), so that
+a new machine distills the missing students from that file instead of training the teacher again.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -40,7 +42,7 @@ from didbq.convert.recipe import (
 )
 from didbq.errors import DidbqError, RecipeError, StudyError
 from didbq.train import distributed
-from didbq.train.checkpoint import write_json, write_text
+from didbq.train.checkpoint import atomic_path, write_json, write_text
 from didbq.train.run_folder import read_run
 from didbq.train.runner import BinarizeConfig, binarize
 
@@ -54,6 +56,7 @@ TEACHER_TOLERANCE = 0.1
 Log = Callable[[str], None]
 # run states that train nothing, and what the log says of each
 SKIPPED = {"done": "finished earlier, skipped", "recorded": "recorded in {record}, skipped",
+           "recorded teacher": f"weights recorded in {{record}}/{TEACHER_FILE}, not trained again",
            "not needed": "not needed (every selected student is finished)"}
 
 
@@ -184,7 +187,7 @@ class StudyPlan:
     students: list[StudyRun]
 
     def teacher_file(self, out: Path) -> Path:
-        """The teacher every student distills from."""
+        """The teacher every student distills from (unless the record keeps it)."""
         return out / TEACHER_RUN / TEACHER_FILE if self.teacher is not None else self.teacher_checkpoint()
 
     def teacher_checkpoint(self) -> Path | None:
@@ -282,6 +285,8 @@ def run_study(path: Path, out: Path, only: Sequence[str] = (), device: str = "au
     if plan.teacher is None and not plan.teacher_file(out).is_file():
         raise StudyError(f"{plan.path}: teacher.checkpoint {plan.teacher_file(out)} does not exist")
     recorded = _recorded(plan, record)[1]
+    kept_teacher = _recorded_teacher_file(plan, out, record)
+    teacher_file = kept_teacher or plan.teacher_file(out)
     if recorded:
         study_table(plan, out, record)  # a record from another teacher fails here, before anything trains
     students = _selected(plan.students, only)
@@ -292,7 +297,8 @@ def run_study(path: Path, out: Path, only: Sequence[str] = (), device: str = "au
         runs = [plan.teacher, *students]
         training = any(state in ("start", "resume") for state in states.values())
         teacher_state = _state(out / TEACHER_RUN, plan.teacher, plan)
-        states[TEACHER_RUN] = teacher_state if training or teacher_state == "done" else "not needed"
+        states[TEACHER_RUN] = ("recorded teacher" if kept_teacher is not None else
+                               teacher_state if training or teacher_state == "done" else "not needed")
     context = distributed.setup(device)
     if context.active:
         raise StudyError("run a study in one process (torchrun is for single `didbq binarize` runs)")
@@ -307,7 +313,7 @@ def run_study(path: Path, out: Path, only: Sequence[str] = (), device: str = "au
         log(f"{prefix}: {'resuming' if states[run.name] == 'resume' else 'training'}")
         started = time.perf_counter()
         try:
-            _execute(plan, run, out, states[run.name], context, progress, log)
+            _execute(plan, run, out, teacher_file, states[run.name], context, progress, log)
         except DidbqError as error:
             if run.student is None:
                 raise
@@ -327,7 +333,36 @@ def _write_tables(plan: StudyPlan, out: Path, record: Path | None) -> dict[str, 
     table = study_table(plan, out, record)
     for folder in (out, record) if record is not None else (out,):
         write_table(table, folder)
+    if record is not None and plan.teacher is not None and (out / TEACHER_RUN / "results.json").exists():
+        _keep_teacher(out / TEACHER_RUN / TEACHER_FILE, record / TEACHER_FILE, table["teacher"]["sha256"])
     return table
+
+
+def _keep_teacher(trained: Path, kept: Path, sha256: str) -> None:
+    """The record keeps the teacher its rows were distilled from (a new machine then skips training it)."""
+    if kept.is_file() and _sha256(kept) == sha256:
+        return
+    with atomic_path(kept) as temporary:
+        shutil.copyfile(trained, temporary)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _recorded_teacher_file(plan: StudyPlan, out: Path, record: Path | None) -> Path | None:
+    """The teacher kept in the record, when this study would train that very teacher (same settings, same
+    bytes as the recorded row says) and it has not been trained in `out`."""
+    if plan.teacher is None or record is None or (out / TEACHER_RUN / "results.json").exists():
+        return None
+    teacher, kept = _recorded(plan, record)[0], record / TEACHER_FILE
+    if teacher is None or not kept.is_file() or teacher.get("sha256") != _sha256(kept):
+        return None
+    return kept
 
 
 def _selected(students: list[StudyRun], only: Sequence[str]) -> list[StudyRun]:
@@ -391,9 +426,9 @@ def _difference(found: Any, wanted: Any, path: str = "") -> str | None:
     return next((d for p, a, b in pairs if (d := _difference(a, b, p)) is not None), None)
 
 
-def _execute(plan: StudyPlan, run: StudyRun, out: Path, state: str, context: distributed.Distributed,
-             progress: bool, log: Log) -> None:
-    checkpoint = plan.teacher_checkpoint() if run.student is None else plan.teacher_file(out)
+def _execute(plan: StudyPlan, run: StudyRun, out: Path, teacher_file: Path, state: str,
+             context: distributed.Distributed, progress: bool, log: Log) -> None:
+    checkpoint = plan.teacher_checkpoint() if run.student is None else teacher_file
     config = BinarizeConfig(plan.study.model.name, plan.study.data.source, out / run.name, checkpoint,
                             resume=state == "resume", force=state == "start", progress=progress)
     binarize(config, run.recipe, context, log)
@@ -412,7 +447,8 @@ def study_table(plan: StudyPlan, out: Path, record: Path | None = None) -> dict[
     finished = {run.name for run in plan.students if (out / run.name / "results.json").exists()}
     carried = {run.name for run in plan.students if run.name not in finished and run.name in recorded}
     teacher = recorded_teacher
-    if finished or (out / TEACHER_RUN / "results.json").exists() or recorded_teacher is None:
+    kept = _recorded_teacher_file(plan, out, record) is not None  # then the recorded row is this teacher's
+    if not kept and (finished or (out / TEACHER_RUN / "results.json").exists() or recorded_teacher is None):
         teacher = _teacher_row(plan, out, [run for run in plan.students if run.name in finished])
         if carried and abs(teacher["top1"] - recorded_teacher["top1"]) > TEACHER_TOLERANCE:
             raise StudyError(f"the rows recorded in {record} were distilled from a teacher of top-1 "
@@ -460,7 +496,8 @@ def _teacher_row(plan: StudyPlan, out: Path, finished: list[StudyRun]) -> dict[s
     return {"run": TEACHER_RUN, "student": None, "recipe": "full precision", "stages": [TEACHER_RUN] if epochs else [],
             "seed": plan.study.seed, "top1": measured.get("top1"), "top5": measured.get("top5"),
             "below_teacher": 0.0 if measured else None,
-            "file_bytes": file.stat().st_size if file.exists() else None, "smaller": 1.0, "smaller_fp16": None,
+            "file_bytes": file.stat().st_size if file.exists() else None,
+            "sha256": _sha256(file) if file.exists() else None, "smaller": 1.0, "smaller_fp16": None,
             "bops": 0 if flops is not None else None, "flops": flops, "ops": flops,
             "ops_reduction": 1.0, "train_s": train_s, "epochs": epochs,
             "train_s_per_epoch": train_s / epochs if train_s and epochs else None,

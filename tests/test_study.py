@@ -267,3 +267,35 @@ def test_a_record_from_another_teacher_is_refused(finished: tuple[Path, dict, li
     code, err = _run(["study", str(STUDY), "--out", str(machine), "--record", str(record)], capsys)
     assert code == 2 and "distilled from a teacher of top-1 12.50%" in err and "Traceback" not in err, err
     assert "training" not in err  # refused before any student trains
+
+
+def test_the_record_keeps_the_teacher(finished: tuple[Path, dict, list[str]], tmp_path: Path) -> None:
+    """A new machine with nothing but the record distills the missing student from the recorded teacher file
+    (the same bytes, so the same result) and trains no teacher; a kept file whose bytes differ from the recorded
+    row's sha256 is not used."""
+    out, table, _ = finished
+    record = tmp_path / "record"
+    run_study(STUDY, out, progress=False, log=lambda _: None, record=record)
+    kept = record / "teacher.safetensors"
+    assert kept.read_bytes() == (out / "teacher" / "teacher.safetensors").read_bytes()
+    assert table["teacher"]["sha256"] and json.loads((record / TABLE_JSON).read_text())["teacher"] == table["teacher"]
+    recorded = json.loads((record / TABLE_JSON).read_text())
+    recorded["students"] = [row for row in recorded["students"] if row["run"] != "xnor-seed0"]
+    (record / TABLE_JSON).write_text(json.dumps(recorded))
+    machine, lines = tmp_path / "new", []
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        again = run_study(STUDY, machine, progress=False, log=lines.append, record=record, only=["xnor"])
+        assert sorted(path.name for path in machine.iterdir() if path.is_dir()) == ["xnor-seed0"]
+        assert any("teacher: weights recorded in" in line for line in lines), lines
+        rows = {row["run"]: row for row in again["students"]}
+        original = next(row for row in table["students"] if row["run"] == "xnor-seed0")
+        assert rows["xnor-seed0"]["top1"] == original["top1"] and again["teacher"] == table["teacher"]
+        kept.write_bytes(kept.read_bytes()[:-4] + b"    ")  # not the recorded teacher any more
+        (record / TABLE_JSON).write_text(json.dumps(recorded))
+        shutil.rmtree(machine)
+        run_study(STUDY, machine, progress=False, log=lambda _: None, record=record, only=["xnor"])
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert (machine / "teacher" / "results.json").exists()
+    assert kept.read_bytes() == (machine / "teacher" / "teacher.safetensors").read_bytes()
