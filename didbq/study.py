@@ -409,9 +409,11 @@ def settings_digest(plan: StudyPlan, run: StudyRun) -> str:
 
 
 def _settings(recipe: Recipe) -> dict[str, Any]:
-    """What a run was trained with: the effective recipe without its prose (a reworded description is no reason
-    to train again)."""
-    return {key: value for key, value in recipe.effective().items() if key != "description"}
+    """What a run was trained with: the effective recipe without what does not change training (a reworded
+    description, a rule's `optional` flag, which only silences a warning) and so is no reason to train again."""
+    settings = {key: value for key, value in recipe.effective().items() if key != "description"}
+    rules = [{key: value for key, value in rule.items() if key != "optional"} for rule in settings["binarize"]["rules"]]
+    return {**settings, "binarize": {**settings["binarize"], "rules": rules}}
 
 
 def _difference(found: Any, wanted: Any, path: str = "") -> str | None:

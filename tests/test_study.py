@@ -299,3 +299,19 @@ def test_the_record_keeps_the_teacher(finished: tuple[Path, dict, list[str]], tm
         torch.use_deterministic_algorithms(deterministic)
     assert (machine / "teacher" / "results.json").exists()
     assert kept.read_bytes() == (machine / "teacher" / "teacher.safetensors").read_bytes()
+
+
+def test_a_rules_optional_flag_is_not_another_setting(tmp_path: Path) -> None:
+    """`optional` only silences a warning: flipping it keeps every recorded row's settings hash."""
+    from didbq.study import settings_digest
+
+    recipe = tmp_path / "bit.yaml"
+    text = (Path(__file__).resolve().parent.parent / "recipes" / "bit.yaml").read_text()
+    assert "optional: true" in text
+    recipe.write_text(text.replace("optional: true", "optional: false"))
+    path = tmp_path / "study.yaml"
+    path.write_text(GOOD.replace("recipe: bit}", f"recipe: {recipe}}}"))
+    plan, flipped = load_study(STUDY), load_study(path)
+    bit, bit_flipped = (next(run for run in p.students if run.name == "bit-seed0") for p in (plan, flipped))
+    assert bit.recipe != bit_flipped.recipe
+    assert settings_digest(plan, bit) == settings_digest(flipped, bit_flipped)

@@ -52,6 +52,8 @@ class Rule(Strict):
     into: str = Field(description="a registered replacement: binary_linear, binary_conv2d, rprelu, token_rprelu, "
                                   "identity, layer_scale, batchnorm")
     options: dict[str, Any] = Field(default_factory=dict, description="options of the replacement")
+    optional: bool = Field(False, description="a rule for modules some models lack (hybrids' convolutions): no "
+                                              "warning (nor --strict-rules error) when it matches nothing")
 
     @field_validator("targets")
     @classmethod

@@ -349,7 +349,7 @@ def convert(model: nn.Module, recipe: Recipe | str, *, strict: bool = True, stri
     example = example_input if example_input is not None else example_input_for(model)
     walk = _Walk(model, recipe, strict)
     conversion = Conversion(model, recipe, example_input=example)
-    for rule in walk.unmatched_rules():
+    for rule in (rule for rule in walk.unmatched_rules() if not rule.optional):
         message = f"rule {rule.label!r} matches no module of {type(model).__name__}"
         if strict_rules:
             raise RecipeError(message + " (--strict-rules)")

@@ -153,6 +153,19 @@ def test_a_rule_that_matches_nothing_warns_or_fails_with_strict_rules() -> None:
         convert(didbq.build_model("test_vit"), UNMATCHED_RULE, strict_rules=True)
 
 
+def test_an_optional_rule_that_matches_nothing_is_silent() -> None:
+    """The built-in recipes' convolution rule is for hybrids: a pure ViT converts without a warning."""
+    optional = parse_recipe("""
+name: optional
+binarize:
+  rules:
+    - {targets: [Linear], into: binary_linear}
+    - {name: conv rule, targets: [Conv3d], into: identity, optional: true}
+""")
+    assert convert(didbq.build_model("test_vit"), optional, strict_rules=True).warnings == []
+    assert convert(didbq.build_model("test_vit"), "didb", strict_rules=True).warnings == []
+
+
 def test_unknown_model_name_suggests_close_names() -> None:
     with pytest.raises(UnsupportedModelError, match="did you mean .*deit_small_patch16_224"):
         didbq.build_model("deit_smal_patch16_224")
