@@ -1,6 +1,7 @@
 """The `didbq` command line: parses, calls the library, prints. Errors a user can fix exit with code 2."""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -191,16 +192,23 @@ def _print_results(results: dict[str, dict[str, float]], out: Path) -> None:
 @click.argument("run_folder", type=click.Path(path_type=Path))
 @click.option("--data", "-d", default=None, help="Dataset (default: the run's own).")
 @click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default="auto", show_default=True, help=RUNTIME_HELP)
+@click.option("--attention", is_flag=True,
+              help="Also measure, per binary attention layer, how many keys each query row keeps in the binary "
+                   "attention matrix and how much of the softmax mass they carry (on the reference runtime).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def evaluate_run(run_folder: Path, data: str | None, runtime: str, as_json: bool) -> None:
+def evaluate_run(run_folder: Path, data: str | None, runtime: str, attention: bool, as_json: bool) -> None:
     """Top-1 / top-5 of the trained student in RUN_FOLDER on the test split of --data."""
     import didbq  # noqa: F401
     from didbq.train.data import TransformedImages, load_image_data, transform_spec_for
 
     _quiet_datasets()
-    from didbq.train.evaluate import evaluate
+    from didbq.train.evaluate import KeptKeys, evaluate
     from didbq.train.run_folder import load_student, read_run
 
+    if attention and runtime == "packed":
+        raise DidbqError("--attention measures the binary attention matrix on the reference runtime (the packed "
+                         "kernels never form it): drop --runtime packed")
+    runtime = "reference" if attention else runtime
     run, recipe = read_run(run_folder)
     model = load_student(run_folder, runtime)
     spec = recipe.data
@@ -210,11 +218,27 @@ def evaluate_run(run_folder: Path, data: str | None, runtime: str, as_json: bool
         raise DidbqError(f"{data}: {images.num_classes} classes, but the model was trained on "
                          f"{len(run['class_names'])}")
     transform = transform_spec_for(model, augment="none", input_size=spec.input_size, mean=spec.mean, std=spec.std)
-    result = evaluate(model, TransformedImages(images.test, images, transform, train=False), spec.eval_batch_size)
+    kept = KeptKeys(model)
+    with kept if attention else contextlib.nullcontext():
+        result = evaluate(model, TransformedImages(images.test, images, transform, train=False), spec.eval_batch_size)
+    if attention:
+        result["attention"] = kept.summary()
     if as_json:
         click.echo(json.dumps({**result, "runtime": _runtime_in_use(runtime)}, indent=2))
-    else:
-        _print_results({f"student ({_runtime_in_use(runtime)})": result}, run_folder)
+        return
+    _print_results({f"student ({_runtime_in_use(runtime)})": result}, run_folder)
+    if attention:
+        _print_kept_keys(result["attention"])
+
+
+def _print_kept_keys(layers: list[dict[str, Any]]) -> None:
+    table = Table(title="Binary attention: keys each query row keeps (A_b != 0)", title_justify="left")
+    for column in ("layer", "keys per row", "kept (mean)", "kept %", "rows keeping 1 key %", "softmax mass kept %"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for layer in layers:
+        table.add_row(layer["layer"], f"{layer['keys']:.0f}", f"{layer['kept']:.2f}", f"{layer['kept_pct']:.1f}",
+                      f"{layer['single_key_rows_pct']:.1f}", f"{layer['mass_kept_pct']:.1f}")
+    console.print(table if layers else "no binary attention layer (softmax attention or none converted)")
 
 
 @cli.command()

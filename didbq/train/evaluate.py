@@ -1,9 +1,14 @@
-"""Top-1 / top-5 accuracy of a model on a dataset split."""
+"""Top-1 / top-5 accuracy of a model on a dataset split, and what its binary attention keeps of each row."""
 from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from didbq.nn.attention import BinaryAttention
 
 
 @torch.no_grad()
@@ -21,3 +26,62 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, device: 
         total += labels.numel()
     model.train(was_training)
     return {"top1": 100.0 * correct1 / max(total, 1), "top5": 100.0 * correct5 / max(total, 1), "images": total}
+
+
+class KeptKeys:
+    """While entered, counts for every binary attention core (on the float path: the packed kernels do not expose
+    A_b) how many keys each query row keeps in the binary attention matrix A_b, and how much of the row's softmax
+    mass those keys carry. A method that rounds small probabilities to zero keeps few keys on a long row (BiT's
+    {0, a} at 197 tokens); this says how few, per layer:
+
+        with KeptKeys(model) as kept:
+            evaluate(model, dataset)
+        kept.summary()
+    """
+
+    # running sums per core: rows, kept keys, rows that keep one key, softmax mass kept, keys per row
+    _FIELDS = ("rows", "kept", "single", "mass", "keys")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.cores = {name: module for name, module in model.named_modules()
+                      if isinstance(module, BinaryAttention) and module.prob_binarizer.output_is_binary}
+        self.sums = {name: dict.fromkeys(self._FIELDS, 0.0) for name in self.cores}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> "KeptKeys":
+        self._handles = [core.prob_binarizer.register_forward_hook(self._counter(name))
+                         for name, core in self.cores.items()]
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _counter(self, name: str) -> Any:
+        def count(module: nn.Module, inputs: tuple[torch.Tensor, ...], binary: torch.Tensor) -> None:
+            if not module.enabled:  # a full-precision stage: A is not binary
+                return
+            probs, on = inputs[0].detach(), binary.detach() != 0
+            kept = on.sum(-1)
+            sums = self.sums[name]
+            sums["rows"] += kept.numel()
+            sums["kept"] += kept.sum().item()
+            sums["single"] += (kept == 1).sum().item()
+            sums["mass"] += (probs * on).sum().item()
+            sums["keys"] += probs.shape[-1] * kept.numel()
+        return count
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per core that ran: keys per row, the mean kept, the kept share, the share of rows keeping a single key
+        and the mean softmax mass kept (of 1 per row), in percent where a share."""
+        rows = []
+        for name, sums in self.sums.items():
+            if sums["rows"]:
+                count = sums["rows"]
+                rows.append({"layer": name, "keys": sums["keys"] / count, "kept": sums["kept"] / count,
+                             "kept_pct": 100.0 * sums["kept"] / sums["keys"],
+                             "single_key_rows_pct": 100.0 * sums["single"] / count,
+                             "mass_kept_pct": 100.0 * sums["mass"] / count})
+        return rows

@@ -91,6 +91,21 @@ def test_eval_reproduces_the_final_accuracy(runtime: str, reference: Path, capsy
     assert evaluated["runtime"].startswith(runtime)
 
 
+def test_eval_measures_the_kept_keys(reference: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--attention: per layer, the keys each of the 17 query rows keeps (16 patches and the class token)."""
+    main(["eval", str(reference), "--attention", "--json"])
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["top1"] == json.loads((reference / "results.json").read_text())["s2"]["top1"]
+    layers = evaluated["attention"]
+    assert [layer["layer"] for layer in layers] == ["blocks.0.attn.binary_core", "blocks.1.attn.binary_core"]
+    assert all(layer["keys"] == 17 and 1 <= layer["kept"] <= 17 for layer in layers), layers
+    main(["eval", str(reference), "--attention"])
+    assert "softmax mass kept" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", str(reference), "--attention", "--runtime", "packed"])
+    assert exit_.value.code != 0 and "drop --runtime packed" in capsys.readouterr().err
+
+
 def test_the_packed_model_is_the_trained_student(reference: Path) -> None:
     """didbq.load(run) gives bit-identical logits, on real test images, to the student as training left it (its
     latent weights in stages/s2.safetensors, binarized in forward), and report.json measured the file."""
