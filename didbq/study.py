@@ -304,6 +304,8 @@ def run_study(path: Path, out: Path, only: Sequence[str] = (), device: str = "au
         raise StudyError("run a study in one process (torchrun is for single `didbq binarize` runs)")
     finished = sum(state in ("done", "recorded") for state in states.values())
     log(f"study {plan.study.name}: {len(runs)} runs in {out} ({finished} finished earlier)")
+    if record is not None and states.get(TEACHER_RUN) == "done":
+        _write_tables(plan, out, record)  # the record keeps the teacher now, not after the next student
     failed = []
     for number, run in enumerate(runs, 1):
         prefix = f"[{number}/{len(runs)}] {run.name}"

@@ -270,21 +270,24 @@ def test_a_record_from_another_teacher_is_refused(finished: tuple[Path, dict, li
 
 
 def test_the_record_keeps_the_teacher(finished: tuple[Path, dict, list[str]], tmp_path: Path) -> None:
-    """A new machine with nothing but the record distills the missing student from the recorded teacher file
-    (the same bytes, so the same result) and trains no teacher; a kept file whose bytes differ from the recorded
-    row's sha256 is not used."""
+    """The record keeps a finished teacher before the next student trains. A new machine with nothing but the
+    record distills the missing student from the kept file (the same bytes, so the same result) and trains no
+    teacher; a kept file whose bytes differ from the recorded row's sha256 is not used."""
     out, table, _ = finished
-    record = tmp_path / "record"
-    run_study(STUDY, out, progress=False, log=lambda _: None, record=record)
-    kept = record / "teacher.safetensors"
-    assert kept.read_bytes() == (out / "teacher" / "teacher.safetensors").read_bytes()
-    assert table["teacher"]["sha256"] and json.loads((record / TABLE_JSON).read_text())["teacher"] == table["teacher"]
-    recorded = json.loads((record / TABLE_JSON).read_text())
-    recorded["students"] = [row for row in recorded["students"] if row["run"] != "xnor-seed0"]
-    (record / TABLE_JSON).write_text(json.dumps(recorded))
-    machine, lines = tmp_path / "new", []
+    record, kept, first = tmp_path / "record", tmp_path / "record" / "teacher.safetensors", tmp_path / "first"
+    shutil.copytree(out / "teacher", first / "teacher")
+    kept_when_training: list[bool] = []
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
+        run_study(STUDY, first, progress=False, record=record, only=["xnor"],
+                  log=lambda line: kept_when_training.append(kept.is_file()) if "training" in line else None)
+        assert kept_when_training and all(kept_when_training)
+        assert kept.read_bytes() == (out / "teacher" / "teacher.safetensors").read_bytes()
+        recorded = json.loads((record / TABLE_JSON).read_text())
+        assert table["teacher"]["sha256"] and recorded["teacher"] == table["teacher"]
+        recorded["students"] = []
+        (record / TABLE_JSON).write_text(json.dumps(recorded))
+        machine, lines = tmp_path / "new", []
         again = run_study(STUDY, machine, progress=False, log=lines.append, record=record, only=["xnor"])
         assert sorted(path.name for path in machine.iterdir() if path.is_dir()) == ["xnor-seed0"]
         assert any("teacher: weights recorded in" in line for line in lines), lines
