@@ -48,7 +48,7 @@ def resolve(path: Path | str) -> Path:
         return path / MODEL_FILE
     if (path / "run.json").exists():
         older = " (it was written before didbq packed its models: re-run it)" if (
-            path / "student.safetensors").exists() else "; the run has not finished: resume it with --resume"
+            path / "student.safetensors").exists() else f"; the run has not finished: didbq binarize --resume {path}"
         raise DidbqError(f"{path}: no {MODEL_FILE}{older}")
     raise DidbqError(f"{path}: not a run folder (no {MODEL_FILE}); give a run folder or a packed .safetensors file")
 

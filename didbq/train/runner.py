@@ -101,7 +101,8 @@ def _write_guard(out: Path, resume: bool, force: bool) -> None:
         return
     if out.exists() and any(out.iterdir()):
         if not force:
-            raise DidbqError(f"{out} exists and is not empty; pass --force to overwrite it or --resume to continue")
+            resumable = f" or --resume {out} to continue it" if (out / "checkpoints" / "last.pt").exists() else ""
+            raise DidbqError(f"{out} exists and is not empty; pass --force to overwrite it{resumable}")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 

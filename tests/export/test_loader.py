@@ -107,8 +107,9 @@ def test_a_run_folder_loads_through_its_model_file(images: dict[str, torch.Tenso
     (tmp_path / "run.json").write_text("{}")
     assert torch.equal(logits(didbq.load(tmp_path), images["test"]), logits(model, images["test"]))
     (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(DidbqError, match="no model.safetensors.*resume"):
+    with pytest.raises(DidbqError, match="no model.safetensors; the run has not finished") as error:
         didbq.load(tmp_path)
+    assert f"didbq binarize --resume {tmp_path}" in str(error.value)  # the command that works, folder included
 
 
 # ------------------------------------------------------------------------------------------- bad files

@@ -201,6 +201,11 @@ def test_output_folder_is_never_overwritten_without_force(recipe_file: Path, tmp
     (out / "keep.txt").write_text("mine")
     code, err = run_cli(["binarize", MODEL, "-r", str(recipe_file), "-d", "digits", "-o", str(out)], capsys)
     assert code == 2 and "--force" in err and (out / "keep.txt").read_text() == "mine"
+    assert "--resume" not in err  # nothing there to resume: do not suggest it
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "last.pt").write_bytes(b"")
+    code, err = run_cli(["binarize", MODEL, "-r", str(recipe_file), "-d", "digits", "-o", str(out)], capsys)
+    assert code == 2 and f"--resume {out} to continue" in err  # the option with its folder, as it must be typed
 
 
 def _tiny_teacher(path: Path, classes: int) -> None:
