@@ -194,7 +194,9 @@ def _print_results(results: dict[str, dict[str, float]], out: Path) -> None:
 @click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default="auto", show_default=True, help=RUNTIME_HELP)
 @click.option("--attention", is_flag=True,
               help="Also measure, per binary attention layer, how many keys each query row keeps in the binary "
-                   "attention matrix and how much of the softmax mass they carry (on the reference runtime).")
+                   "attention matrix, how much of the softmax mass they carry, and how often the output's sign is "
+                   "the query token's own binary value (about 50% when tokens mix, near 100% when the attention "
+                   "passes each token through; on the reference runtime).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def evaluate_run(run_folder: Path, data: str | None, runtime: str, attention: bool, as_json: bool) -> None:
     """Top-1 / top-5 of the trained student in RUN_FOLDER on the test split of --data."""
@@ -233,11 +235,13 @@ def evaluate_run(run_folder: Path, data: str | None, runtime: str, attention: bo
 
 def _print_kept_keys(layers: list[dict[str, Any]]) -> None:
     table = Table(title="Binary attention: keys each query row keeps (A_b != 0)", title_justify="left")
-    for column in ("layer", "keys per row", "kept (mean)", "kept %", "rows keeping 1 key %", "softmax mass kept %"):
+    for column in ("layer", "keys per row", "kept (mean)", "kept %", "rows keeping 1 key %", "softmax mass kept %",
+                   "output sign = own value %"):
         table.add_column(column, justify="left" if column == "layer" else "right")
     for layer in layers:
+        own_sign = "–" if layer["own_sign_pct"] is None else f"{layer['own_sign_pct']:.1f}"
         table.add_row(layer["layer"], f"{layer['keys']:.0f}", f"{layer['kept']:.2f}", f"{layer['kept_pct']:.1f}",
-                      f"{layer['single_key_rows_pct']:.1f}", f"{layer['mass_kept_pct']:.1f}")
+                      f"{layer['single_key_rows_pct']:.1f}", f"{layer['mass_kept_pct']:.1f}", own_sign)
     console.print(table if layers else "no binary attention layer (softmax attention or none converted)")
 
 

@@ -410,12 +410,23 @@ def settings_digest(plan: StudyPlan, run: StudyRun) -> str:
     return hashlib.sha256(json.dumps(_wanted(plan, run), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Recipe options added after studies had recorded rows, each with the value at which it computes what the runs
+# made before it computed. At that value a run's settings leave it out, so that a new option neither makes every
+# recorded row stale nor trains the kept teacher again (tests/test_study.py checks the committed tables).
+ADDED_LATER: dict[tuple[str, str], Any] = {("attention", "shortcut_init"): 1.0}
+
+
 def _settings(recipe: Recipe) -> dict[str, Any]:
     """What a run was trained with: the effective recipe without what does not change training (a reworded
-    description, a rule's `optional` flag, which only silences a warning) and so is no reason to train again."""
+    description, a rule's `optional` flag, which only silences a warning, an option added later at its neutral
+    value) and so is no reason to train again."""
     settings = {key: value for key, value in recipe.effective().items() if key != "description"}
     rules = [{key: value for key, value in rule.items() if key != "optional"} for rule in settings["binarize"]["rules"]]
-    return {**settings, "binarize": {**settings["binarize"], "rules": rules}}
+    settings = {**settings, "binarize": {**settings["binarize"], "rules": rules}}
+    for (section, key), neutral in ADDED_LATER.items():
+        if settings[section].get(key, neutral) == neutral:
+            settings[section] = {name: value for name, value in settings[section].items() if name != key}
+    return settings
 
 
 def _difference(found: Any, wanted: Any, path: str = "") -> str | None:

@@ -320,3 +320,30 @@ def test_a_rules_optional_flag_is_not_another_setting(tmp_path: Path) -> None:
     bit, bit_flipped = (next(run for run in p.students if run.name == "bit-seed0") for p in (plan, flipped))
     assert bit.recipe != bit_flipped.recipe
     assert settings_digest(plan, bit) == settings_digest(flipped, bit_flipped)
+
+
+def test_the_committed_tables_still_match_their_study_files() -> None:
+    """A new recipe option (at the value that computes what older runs did) must not make the committed study
+    rows stale: each recorded teacher and student still has the settings hash its study file gives it now, so
+    `--record` skips them on a new machine instead of training hours again."""
+    from didbq.study import settings_digest
+
+    plans = {plan.study.name: plan for plan in map(load_study, sorted(STUDY.parent.glob("*.yaml")))}
+    tables = sorted((STUDY.parent.parent / "docs" / "studies").glob(f"*/{TABLE_JSON}"))
+    assert tables
+    for table_file in tables:
+        table = json.loads(table_file.read_text())
+        plan = plans[table["study"]]
+        assert table["teacher"]["settings"] == settings_digest(plan, plan.teacher), table_file
+        wanted = {run.name: settings_digest(plan, run) for run in plan.students}
+        stale = [row["run"] for row in table["students"] if wanted.get(row["run"], row["settings"]) != row["settings"]]
+        assert not stale, (table_file, stale)
+
+
+def test_an_option_added_later_leaves_the_settings_at_its_neutral_value() -> None:
+    from didbq.convert.recipe import load_recipe
+    from didbq.study import ADDED_LATER, _settings
+
+    assert ("attention", "shortcut_init") in ADDED_LATER
+    assert "shortcut_init" not in _settings(load_recipe("didb"))["attention"]
+    assert _settings(load_recipe("didb[shortcut_init=0.6]"))["attention"]["shortcut_init"] == 0.6

@@ -44,6 +44,9 @@ class AttentionOptions(BaseModel):
     differential: bool = Field(True, description="DIBA's - diag(A_b 1) V term (false: s V + A_b V + l Lap(V), "
                                                  "the ablation without the differences)")
     shortcut: Literal["head", "channel", "off"] = Field("head", description="DIBA's learnable shortcut s")
+    shortcut_init: float = Field(1.0, description="initial value of s (1: DIBA is attention when A_b is the softmax; "
+                                                  "with binary V and A_b 1 below 1 the own term (s - A_b 1) V can "
+                                                  "outweigh A_b V: `didbq eval --attention` shows it)")
     local: Literal["laplacian", "neighbour_mean", "off"] = Field("laplacian", description="DIBA's local term")
     local_init: float = Field(0.0, description="initial value of the local coefficient l")
     hfsc: Literal["off", "shared", "separate"] = Field(
@@ -228,7 +231,7 @@ class BinaryAttention(nn.Module):
         self.shortcut = None
         if self.diba and options.shortcut != "off":
             shape = (heads, 1, 1) if options.shortcut == "head" else (heads, 1, head_dim)
-            self.shortcut = nn.Parameter(torch.ones(shape))
+            self.shortcut = nn.Parameter(torch.full(shape, options.shortcut_init))
         self.local_weight = None
         if self.use_local:
             self.local_weight = nn.Parameter(torch.full((heads, 1, head_dim), options.local_init))

@@ -81,6 +81,8 @@ def test_fresh_didb_core_parameters() -> None:
     assert channel.shortcut.shape == (HEADS, 1, HEAD_DIM)
     assert make_core("didb", hfsc="off", shortcut="off").shortcut is None
     assert make_core("didb", hfsc="off", local="off").local_weight is None
+    assert torch.equal(make_core("didb", hfsc="off", shortcut="channel", shortcut_init=0.4).shortcut.detach(),
+                       torch.full((HEADS, 1, HEAD_DIM), 0.4))
 
 
 # ---------------------------------------------------------------- full-precision mode equals attention

@@ -99,8 +99,10 @@ def test_eval_measures_the_kept_keys(reference: Path, capsys: pytest.CaptureFixt
     layers = evaluated["attention"]
     assert [layer["layer"] for layer in layers] == ["blocks.0.attn.binary_core", "blocks.1.attn.binary_core"]
     assert all(layer["keys"] == 17 and 1 <= layer["kept"] <= 17 for layer in layers), layers
+    assert all(0 <= layer["own_sign_pct"] <= 100 for layer in layers), layers
     main(["eval", str(reference), "--attention"])
-    assert "softmax mass kept" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "softmax mass kept" in table and "output sign = own value" in table
     with pytest.raises(SystemExit) as exit_:
         main(["eval", str(reference), "--attention", "--runtime", "packed"])
     assert exit_.value.code != 0 and "drop --runtime packed" in capsys.readouterr().err
